@@ -1,0 +1,83 @@
+"""Type stub of the compiled extension ``async_ckpt._native`` (built from csrc/).
+
+Every function that touches files or large buffers releases the GIL. Errors are
+raised as classes from ``async_ckpt.errors``:
+  FormatError   bad lengths/offsets/arguments, frames whose size disagrees
+  ChecksumError crc mismatch (attributes path, offset, chunk set)
+  CodecError    zstd missing or a frame that fails to decode
+  StorageError  OS errors; an OSError subclass with errno and filename set
+"""
+
+from typing import Protocol, Sequence
+
+class _Buffer(Protocol):  # anything exposing the buffer protocol: bytes, bytearray, memoryview, numpy array
+    ...
+
+CODEC_RAW: int   # 0
+CODEC_ZSTD: int  # 1
+CODEC_AUTO: int  # 2 -- writer only: zstd when a probe of the chunk compresses to < 90 %, else raw
+
+def crc32c(data: _Buffer, value: int = 0) -> int:
+    """CRC-32C of data, continuing from ``value`` (a previous result)."""
+
+def crc32c_hardware() -> bool:
+    """True when the SSE4.2 instruction path is in use."""
+
+def shuffle(src: _Buffer, dst: _Buffer, elem_size: int) -> None:
+    """Byte-shuffle src into dst (same length); elem_size in {1,2,4,8}; tail bytes copied as is."""
+
+def unshuffle(src: _Buffer, dst: _Buffer, elem_size: int) -> None: ...
+
+def zstd_load(path: str | None = None) -> str:
+    """Load libzstd (``libzstd.so.1`` by default, or an explicit shared object exporting the
+    ZSTD_* API, e.g. the ``zstandard`` package's ``_cffi`` module). Returns the path loaded.
+    Raises CodecError when nothing can be loaded. Idempotent."""
+
+def zstd_backend() -> str | None:
+    """The path of the loaded zstd library, or None."""
+
+def zstd_compress(src: _Buffer, level: int = 1) -> bytes:
+    """One standard zstd frame with the content size recorded."""
+
+def zstd_decompress(src: _Buffer, dst: _Buffer) -> int:
+    """Decompress one frame into dst; the frame's declared content size must equal len(dst)."""
+
+class WriteJob:
+    def __init__(self, src: _Buffer, file: int, codec: int = 0, level: int = 1, shuffle: int = 0) -> None: ...
+
+class ChunkRecord:
+    file: int
+    offset: int
+    length: int
+    raw_length: int
+    codec: int       # CODEC_RAW or CODEC_ZSTD (never AUTO)
+    shuffle: int     # 0 when not applied (codec raw never shuffles)
+    crc32c: int      # of stored bytes
+    raw_crc32c: int  # of the raw bytes
+
+class Writer:
+    def __init__(self, threads: int = 4) -> None: ...
+    def write(self, paths: Sequence[str], jobs: Sequence[WriteJob], fsync: bool = True) -> list[ChunkRecord]:
+        """Create each path (O_EXCL: it must not exist), encode the jobs on the pool
+        (raw crc, optional shuffle, compress, stored crc), append each chunk to its file
+        at an offset reserved after encoding, fsync every file when asked, and return one
+        record per job, in job order. On the first error the remaining jobs are abandoned,
+        files are closed and the error is raised (the caller removes the directory)."""
+
+class ReadJob:
+    def __init__(self, file: int, offset: int, length: int, raw_length: int, codec: int, shuffle: int,
+                 crc32c: int, raw_crc32c: int, dst: _Buffer | None = None, chunk: int = -1) -> None:
+        """dst None means verify only (read, check both crcs, decode, discard). ``chunk`` is
+        echoed in error messages."""
+
+class Reader:
+    def __init__(self, threads: int = 4) -> None: ...
+    def read(self, paths: Sequence[str], jobs: Sequence[ReadJob], collect_errors: bool = False) -> list[str | None]:
+        """Open every path (O_NOFOLLOW), check each job's range against the real file size,
+        pread, check crc32c, decode into dst (bounds checked), check raw_crc32c.
+        collect_errors=False raises the first error; True returns one message per job (None = ok)."""
+
+def fsync_dir(path: str) -> None: ...
+def fsync_file(path: str) -> None: ...
+def write_file_durable(path: str, data: _Buffer) -> None:
+    """Create path (O_EXCL), write all bytes (short writes, EINTR handled), fsync, close."""
