@@ -1,0 +1,103 @@
+"""Every knob of a CheckpointManager, in one place, validated when it is built.
+
+Environment variables override the defaults (not explicit arguments), so an operator
+can tune a job without editing code:
+
+=============================  ==========================
+``ASYNC_CKPT_IO_THREADS``      ``io_threads``
+``ASYNC_CKPT_COMPRESSION``     ``compression`` (``none``, ``zstd``, ``auto``)
+``ASYNC_CKPT_CHUNK_MB``        ``chunk_bytes`` in MiB
+=============================  ==========================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+_UNSET = object()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _default_threads() -> int:
+    return _env_int("ASYNC_CKPT_IO_THREADS", max(2, min(8, os.cpu_count() or 2)))
+
+
+def _default_compression() -> Optional[str]:
+    value = os.environ.get("ASYNC_CKPT_COMPRESSION", "auto").lower()
+    return None if value in ("", "none", "off") else value
+
+
+def _default_chunk_bytes() -> int:
+    return _env_int("ASYNC_CKPT_CHUNK_MB", 32) << 20
+
+
+@dataclass
+class CheckpointManagerOptions:
+    """How a :class:`~async_ckpt.CheckpointManager` saves, keeps and writes checkpoints.
+
+    Preservation (applied after each successful commit; the newest committed step is
+    never deleted):
+
+    - ``max_to_keep``: keep this many steps (the newest ones, or the best ones when
+      ``best_metric`` is set). ``None`` keeps everything.
+    - ``keep_every_n_steps``: additionally keep every step divisible by N, forever.
+    - ``best_metric`` / ``best_mode``: rank steps by ``metrics[best_metric]`` passed to
+      ``save_async``, lowest (``"min"``) or highest (``"max"``) first.
+
+    Saving: ``save_interval_steps`` makes :meth:`should_save` (and non-forced saves) skip
+    steps that are not multiples of it. ``compression`` is ``None`` (raw), ``"zstd"``
+    (always), or ``"auto"`` (zstd per chunk only when a probe says it pays).
+    ``max_inflight_saves`` bounds the snapshots held in memory: when that many saves are
+    still writing, ``save_async`` blocks. ``snapshot="lazy"`` returns from ``save_async``
+    before the copy to host memory is finished and fences the next optimizer step instead.
+    """
+
+    max_to_keep: Optional[int] = 3
+    keep_every_n_steps: Optional[int] = None
+    best_metric: Optional[str] = None
+    best_mode: Literal["min", "max"] = "min"
+    save_interval_steps: int = 1
+    compression: Optional[str] = field(default_factory=_default_compression)
+    compression_level: int = 1
+    io_threads: int = field(default_factory=_default_threads)
+    max_inflight_saves: int = 1
+    chunk_bytes: int = field(default_factory=_default_chunk_bytes)
+    snapshot: Literal["eager", "lazy"] = "eager"
+    fsync: bool = True
+    save_rng: bool = True
+    cleanup_leftovers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_to_keep is not None and self.max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {self.max_to_keep}")
+        if self.keep_every_n_steps is not None and self.keep_every_n_steps < 1:
+            raise ValueError(f"keep_every_n_steps must be >= 1 or None, got {self.keep_every_n_steps}")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {self.save_interval_steps}")
+        if isinstance(self.compression, str) and self.compression.lower() in ("none", "raw", "off"):
+            self.compression = None
+        if self.compression not in (None, "zstd", "auto"):
+            raise ValueError(f"compression must be None, 'zstd' or 'auto', got {self.compression!r}")
+        if not -7 <= self.compression_level <= 22:
+            raise ValueError(f"compression_level must be in [-7, 22], got {self.compression_level}")
+        if not 1 <= self.io_threads <= 256:
+            raise ValueError(f"io_threads must be in [1, 256], got {self.io_threads}")
+        if self.max_inflight_saves < 1:
+            raise ValueError(f"max_inflight_saves must be >= 1, got {self.max_inflight_saves}")
+        if self.chunk_bytes < (1 << 16) or self.chunk_bytes > (1 << 30) or self.chunk_bytes % 16:
+            raise ValueError(f"chunk_bytes must be a multiple of 16 in [64 KiB, 1 GiB], got {self.chunk_bytes}")
+        if self.snapshot not in ("eager", "lazy"):
+            raise ValueError(f"snapshot must be 'eager' or 'lazy', got {self.snapshot!r}")

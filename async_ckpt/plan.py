@@ -1,0 +1,148 @@
+"""Turn a state mapping into an immutable save plan: tree, items, staging layout, chunks.
+
+Planning never touches storage and storage never learns what a tensor means: the
+plan maps every array to a byte range of one staging buffer and cuts that buffer
+into size-bounded chunks (large arrays split across chunks, small ones packed
+into slabs). Called on the training thread inside ``save_async``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .layout import ItemEntry
+from .tree import ArrayRef, encode_tree, is_stateful
+
+# Every array starts at a multiple of this in the staging buffer, so a byte view of it can
+# be reinterpreted as any dtype (complex128 has the largest item size, 16).
+ALIGN = 16
+
+_NAME_KINDS = {
+    "model": "model", "module": "model", "net": "model",
+    "optimizer": "optimizer", "optim": "optimizer",
+    "scheduler": "scheduler", "lr_scheduler": "scheduler", "sched": "scheduler",
+    "progress": "progress", "trainer_state": "progress", "training_state": "progress",
+    "data": "data", "sampler": "data", "dataloader": "data", "data_loader": "data",
+    "rng": "rng", "config": "config", "tokenizer": "tokenizer", "scaler": "scaler",
+}
+
+
+def item_kind(name: str, value: Any) -> str:
+    """The manifest kind of a top-level item: from its type first, then its name."""
+    if isinstance(value, torch.nn.Module):
+        return "model"
+    if isinstance(value, torch.optim.Optimizer):
+        return "optimizer"
+    if isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+        return "scheduler"
+    if isinstance(value, (torch.utils.data.Sampler, torch.utils.data.DataLoader)):
+        return "data"
+    type_name = type(value).__name__
+    if "GradScaler" in type_name:
+        return "scaler"
+    if "DataLoader" in type_name or "Sampler" in type_name:
+        return "data"
+    return _NAME_KINDS.get(name.lower(), "other")
+
+
+def _type_name(value: Any) -> str:
+    t = type(value)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    start: int          # byte offset in the staging buffer
+    length: int
+    shuffle: int        # element size for byte-shuffle when compressing, 0 for mixed slabs
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    tree: Any
+    items: dict[str, ItemEntry]
+    arrays: tuple[ArrayRef, ...]
+    offsets: tuple[int, ...]                         # staging offset of each array
+    chunks: tuple[ChunkPlan, ...]
+    parts: tuple[tuple[tuple[int, int, int], ...], ...]   # per array: (chunk, offset, length)
+    staging_bytes: int
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+
+def _itemsize(ref: ArrayRef) -> int:
+    return ref.nbytes // max(1, _numel(ref.shape)) if ref.nbytes else 0
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def plan_save(state: Mapping[str, Any], chunk_bytes: int,
+              item_meta: Optional[Mapping[str, ItemEntry]] = None) -> SavePlan:
+    """Encode ``state`` and lay its arrays out in staging memory and chunks.
+
+    Raises TypeError naming the path of any value the format cannot hold.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping of item names to objects, got {type(state).__name__}")
+    for name in state:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"state item names must be non-empty strings, got {name!r}")
+    items = {}
+    for name, value in state.items():
+        meta = (item_meta or {}).get(name)
+        items[name] = meta or ItemEntry(item_kind(name, value), _type_name(value))
+    tree, arrays = encode_tree(dict(state))
+
+    offsets: list[int] = []
+    chunks: list[ChunkPlan] = []
+    parts: list[tuple[tuple[int, int, int], ...]] = []
+    cursor = 0
+    slab_start = 0        # start of the open slab chunk
+    slab_sizes: set[int] = set()
+
+    def close_slab(end: int) -> None:
+        nonlocal slab_start, slab_sizes
+        if end > slab_start:
+            shuffle = next(iter(slab_sizes)) if len(slab_sizes) == 1 else 0
+            chunks.append(ChunkPlan(slab_start, end - slab_start, shuffle if shuffle in (2, 4, 8) else 0))
+        slab_start = end
+        slab_sizes = set()
+
+    for ref in arrays:
+        cursor = -(-cursor // ALIGN) * ALIGN
+        itemsize = _itemsize(ref)
+        if ref.nbytes == 0:
+            offsets.append(cursor)
+            parts.append(())
+            continue
+        if ref.nbytes > chunk_bytes:
+            # A large array gets chunks of its own so restore can decode straight into it.
+            close_slab(cursor)
+            offsets.append(cursor)
+            own = []
+            for piece in range(0, ref.nbytes, chunk_bytes):
+                length = min(chunk_bytes, ref.nbytes - piece)
+                own.append((len(chunks), 0, length))
+                chunks.append(ChunkPlan(cursor + piece, length, itemsize if itemsize in (2, 4, 8) else 0))
+            parts.append(tuple(own))
+            cursor += ref.nbytes
+            slab_start = cursor
+            continue
+        if cursor + ref.nbytes - slab_start > chunk_bytes:
+            close_slab(cursor)
+        offsets.append(cursor)
+        parts.append(((len(chunks), cursor - slab_start, ref.nbytes),))
+        slab_sizes.add(itemsize)
+        cursor += ref.nbytes
+    close_slab(cursor)
+    return SavePlan(tree, items, tuple(arrays), tuple(offsets), tuple(chunks), tuple(parts), cursor)
