@@ -294,6 +294,7 @@ def parse_manifest(doc: Any) -> Manifest:
                 raise FormatError(f"{where}.items.{name}.reconstructed: expected a boolean")
             items[name] = ItemEntry(kind, _str(it.get("type", ""), f"{where}.items.{name}.type"), rec)
         arrays: list[ArrayEntry] = []
+        claimed: list[tuple[int, int, int, int]] = []
         for a_i, a in enumerate(_list(r.get("arrays"), where + ".arrays")):
             aw = f"{where}.arrays[{a_i}]"
             a = _obj(a, aw)
@@ -329,6 +330,13 @@ def parse_manifest(doc: Any) -> Manifest:
             if total != nbytes:
                 raise FormatError(f"{aw}.parts: lengths sum to {total}, expected {nbytes}")
             arrays.append(ArrayEntry(dtype, shape, nbytes, tuple(parts)))
+            claimed.extend((ci, off, off + ln, a_i) for ci, off, ln in parts if ln)
+        # Distinct arrays never share bytes (tied tensors share an index instead), so the
+        # arrays' total size is bounded by the chunks' raw size: no amplification.
+        claimed.sort()
+        for a, b in zip(claimed, claimed[1:]):
+            if a[0] == b[0] and b[1] < a[2]:
+                raise FormatError(f"{where}.arrays[{b[3]}] overlaps {where}.arrays[{a[3]}] in chunk {a[0]}")
         tree = r.get("tree")
         if not isinstance(tree, dict) or tree.get("$") != "dict":
             raise FormatError(f"{where}.tree: top level must be a dict node")
