@@ -1,0 +1,177 @@
+#include "reader.h"
+
+#include <algorithm>
+#include <exception>
+#include <new>
+
+#include "crc32c.h"
+#include "errors.h"
+#include "file_io.h"
+#include "shuffle.h"
+#include "zstd_dl.h"
+
+namespace ackpt {
+namespace {
+
+constexpr size_t kSlice = size_t(4) << 20;  // raw chunks: pread and crc slice by slice
+
+struct OpenFile {
+  Fd fd;
+  uint64_t size = 0;
+  std::string error;  // collect_errors: why the open failed
+};
+
+struct Scratch {
+  Buf stored, decoded, unshuffled;
+};
+
+std::string hex(uint32_t v) {
+  char b[16];
+  snprintf(b, sizeof b, "0x%08x", v);
+  return b;
+}
+
+void read_job(const std::vector<std::string>& paths, const std::vector<OpenFile>& files,
+              const ReadJob& j, size_t index, Scratch& s) {
+  const ChunkRecord& r = j.rec;
+  const std::string name =
+      j.chunk >= 0 ? "chunk " + std::to_string(j.chunk) : "read job " + std::to_string(index);
+  if (r.file >= files.size())
+    throw FormatError(name + ": file index " + std::to_string(r.file) + " out of range (" +
+                      std::to_string(files.size()) + " paths)");
+  const std::string& path = paths[r.file];
+  const OpenFile& f = files[r.file];
+  const std::string where = name + " ('" + path + "', offset " + std::to_string(r.offset) +
+                            ", length " + std::to_string(r.length) + ")";
+  if (!f.error.empty()) throw Error(f.error);  // collect_errors only; already prefixed
+
+  if (r.codec != kCodecRaw && r.codec != kCodecZstd)
+    throw FormatError(where + ": unknown codec " + std::to_string(r.codec));
+  if (r.shuffle != 0 && r.shuffle != 2 && r.shuffle != 4 && r.shuffle != 8)
+    throw FormatError(where + ": shuffle must be 0, 2, 4 or 8, got " + std::to_string(r.shuffle));
+  if (r.raw_length > kMaxRawLength)
+    throw FormatError(where + ": raw_length " + std::to_string(r.raw_length) +
+                      " exceeds the 2 GiB limit");
+  if (j.dst && r.raw_length > j.dst_len)
+    throw FormatError(where + ": raw_length " + std::to_string(r.raw_length) +
+                      " exceeds the destination's " + std::to_string(j.dst_len) + " bytes");
+  if (r.offset > f.size || r.length > f.size - r.offset)
+    throw FormatError(where + ": range ends past the end of the file (" + std::to_string(f.size) +
+                      " bytes)");
+  if (r.codec == kCodecRaw) {
+    if (r.length != r.raw_length)
+      throw FormatError(where + ": raw chunk with length != raw_length (" +
+                        std::to_string(r.raw_length) + ")");
+    if (r.shuffle != 0) throw FormatError(where + ": raw chunk with shuffle " +
+                                          std::to_string(r.shuffle));
+    if (r.crc32c != r.raw_crc32c)
+      throw FormatError(where + ": raw chunk with crc32c != raw_crc32c");
+  } else if (r.length == 0 || r.length > zstd::compress_bound(r.raw_length)) {
+    throw FormatError(where + ": stored length impossible for a zstd frame of " +
+                      std::to_string(r.raw_length) + " bytes");
+  }
+
+  auto truncated = [&](size_t got) {
+    return FormatError(where + ": file ended after " + std::to_string(got) +
+                       " bytes of the chunk (truncated while reading)");
+  };
+  auto mismatch = [&](const char* what, uint32_t want, uint32_t got) {
+    return ChecksumError(where + ": " + what + " crc32c mismatch (record " + hex(want) +
+                             ", computed " + hex(got) + ")",
+                         path, r.offset, j.chunk);
+  };
+
+  if (r.codec == kCodecRaw) {
+    // Straight into dst (or slice-sized scratch when verifying), crc while the slice is hot.
+    uint32_t c = 0;
+    char* scratch = j.dst ? nullptr : s.stored.ensure(std::min<size_t>(kSlice, r.length));
+    for (size_t pos = 0; pos < r.length; pos += kSlice) {
+      const size_t n = std::min<size_t>(kSlice, r.length - pos);
+      char* out = j.dst ? static_cast<char*>(j.dst) + pos : scratch;
+      const size_t got = pread_full(f.fd, out, n, r.offset + pos);
+      if (got != n) throw truncated(pos + got);
+      c = crc32c(c, out, n);
+    }
+    if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
+    return;
+  }
+
+  char* stored = s.stored.ensure(r.length);
+  const size_t got = pread_full(f.fd, stored, r.length, r.offset);
+  if (got != r.length) throw truncated(got);
+  const uint32_t c = crc32c(0, stored, r.length);
+  if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
+
+  // raw_length is bounded by dst (or the 2 GiB cap when verifying) and the frame must
+  // declare exactly raw_length before anything is decoded.
+  char* final_out = j.dst ? static_cast<char*>(j.dst) : nullptr;
+  char* decoded = (r.shuffle || !final_out) ? s.decoded.ensure(r.raw_length) : final_out;
+  try {
+    zstd::decompress(stored, r.length, decoded, r.raw_length);
+  } catch (const FormatError& e) {
+    throw FormatError(where + ": " + e.what());
+  } catch (const CodecError& e) {
+    throw CodecError(where + ": " + e.what());
+  }
+  char* out = decoded;
+  if (r.shuffle) {
+    out = final_out ? final_out : s.unshuffled.ensure(r.raw_length);
+    unshuffle(decoded, out, r.raw_length, static_cast<size_t>(r.shuffle));
+  }
+  const uint32_t rc = crc32c(0, out, r.raw_length);
+  if (rc != r.raw_crc32c) throw mismatch("decoded bytes", r.raw_crc32c, rc);
+}
+
+}  // namespace
+
+std::string describe_current_exception() {
+  try {
+    throw;
+  } catch (const FormatError& e) {
+    return std::string("FormatError: ") + e.what();
+  } catch (const ChecksumError& e) {
+    return std::string("ChecksumError: ") + e.what();
+  } catch (const CodecError& e) {
+    return std::string("CodecError: ") + e.what();
+  } catch (const IoError& e) {
+    return std::string("StorageError: ") + e.what();
+  } catch (const Error& e) {
+    return e.what();  // already "<Kind>: ..." (file open failures)
+  } catch (const std::bad_alloc&) {
+    return "MemoryError: out of memory";
+  } catch (const std::exception& e) {
+    return std::string("Error: ") + e.what();
+  } catch (...) {
+    return "Error: unknown";
+  }
+}
+
+std::vector<std::optional<std::string>> Reader::read(const std::vector<std::string>& paths,
+                                                     const std::vector<ReadJob>& jobs,
+                                                     bool collect_errors) {
+  std::vector<OpenFile> files(paths.size());
+  for (size_t k = 0; k < paths.size(); ++k) {
+    try {
+      files[k].fd = open_read(paths[k], &files[k].size);
+    } catch (...) {
+      if (!collect_errors) throw;
+      files[k].error = describe_current_exception();
+    }
+  }
+  std::vector<std::optional<std::string>> errors(jobs.size());
+  std::vector<Scratch> scratch(pool_.size());
+  pool_.run(jobs.size(), [&](size_t i, unsigned w) {
+    if (!collect_errors) {
+      read_job(paths, files, jobs[i], i, scratch[w]);
+      return;
+    }
+    try {
+      read_job(paths, files, jobs[i], i, scratch[w]);
+    } catch (...) {
+      errors[i] = describe_current_exception();
+    }
+  });
+  return errors;
+}
+
+}  // namespace ackpt

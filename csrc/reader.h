@@ -1,0 +1,41 @@
+// Parallel chunk reader: range checks against the real file size, pread, crc32c of the
+// stored bytes before decoding, bounded zstd decode, unshuffle, crc32c of the decoded bytes.
+// See async_ckpt/_native.pyi (Reader.read). Every record is untrusted input.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "chunk.h"
+#include "thread_pool.h"
+
+namespace ackpt {
+
+struct ReadJob {
+  ChunkRecord rec;
+  void* dst = nullptr;  // null: verify only (decode into scratch, then discard)
+  size_t dst_len = 0;   // rec.raw_length must not exceed it; bytes past raw_length untouched
+  int64_t chunk = -1;   // echoed in messages; -1: the job index is named instead
+};
+
+class Reader {
+ public:
+  explicit Reader(unsigned threads) : pool_(threads) {}
+  unsigned threads() const { return pool_.size(); }
+
+  // collect_errors false: throws the first error (remaining jobs abandoned) and returns all
+  // nullopt. true: never throws for a job or file; returns one message per job, "<Kind>: ..."
+  // with Kind one of FormatError, ChecksumError, CodecError, StorageError, Error.
+  std::vector<std::optional<std::string>> read(const std::vector<std::string>& paths,
+                                               const std::vector<ReadJob>& jobs,
+                                               bool collect_errors);
+
+ private:
+  ThreadPool pool_;
+};
+
+// "<Kind>: <what>" for the exception in flight (used by collect_errors).
+std::string describe_current_exception();
+
+}  // namespace ackpt

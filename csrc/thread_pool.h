@@ -1,0 +1,54 @@
+// A fixed pool of worker threads running one batch of indexed tasks at a time.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace ackpt {
+
+class ThreadPool {
+ public:
+  // threads >= 1 workers in all; the thread calling run() is one of them, so threads - 1
+  // are started here.
+  explicit ThreadPool(unsigned threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  unsigned size() const { return size_; }
+
+  // Calls fn(task, worker) for every task in [0, n), worker in [0, size()), each worker
+  // running its tasks one after another. The first exception stops the hand-out of further
+  // tasks; run() waits for the tasks in progress, then rethrows it. Concurrent run() calls
+  // on one pool are serialised.
+  using Fn = std::function<void(size_t task, unsigned worker)>;
+  void run(size_t n, const Fn& fn);
+
+ private:
+  void worker_main(unsigned worker);
+  void work(unsigned worker);
+
+  const unsigned size_;
+  std::vector<std::thread> threads_;
+  std::mutex run_mu_;  // one batch at a time
+
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  uint64_t generation_ = 0;
+  unsigned busy_ = 0;  // pool threads still in the current batch
+  bool stop_ = false;
+
+  const Fn* fn_ = nullptr;
+  size_t n_ = 0;
+  std::atomic<size_t> next_{0};
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+};
+
+}  // namespace ackpt

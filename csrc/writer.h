@@ -1,0 +1,38 @@
+// Parallel chunk encoder + writer: raw crc -> optional shuffle -> zstd -> stored crc ->
+// offset reserved in the file -> pwrite. See async_ckpt/_native.pyi (Writer.write).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "chunk.h"
+#include "thread_pool.h"
+
+namespace ackpt {
+
+struct WriteJob {
+  const void* src = nullptr;
+  size_t len = 0;
+  uint32_t file = 0;
+  int codec = kCodecRaw;  // kCodecRaw, kCodecZstd or kCodecAuto
+  int level = 1;          // zstd level
+  int shuffle = 0;        // 0/1 (none), 2, 4, 8; applied only when the chunk is compressed
+};
+
+class Writer {
+ public:
+  explicit Writer(unsigned threads) : pool_(threads) {}
+  unsigned threads() const { return pool_.size(); }
+
+  // Creates every path (O_EXCL), encodes and appends the jobs, fsyncs the files when asked,
+  // closes them, and returns one record per job in job order. Arguments are validated before
+  // any file is created. On the first error the remaining jobs are abandoned, the files are
+  // closed and the error propagates (the caller removes what was written).
+  std::vector<ChunkRecord> write(const std::vector<std::string>& paths,
+                                 const std::vector<WriteJob>& jobs, bool fsync);
+
+ private:
+  ThreadPool pool_;
+};
+
+}  // namespace ackpt
