@@ -81,6 +81,7 @@ class TinyGPT(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.tok.weight      # tied weights: saved once, restored tied
+        nn.init.normal_(self.tok.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.tok(idx) + self.pos[: idx.shape[1]])
