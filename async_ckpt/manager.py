@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from . import faults, layout, rng
+from . import faults, layout, rng, signals
 from .errors import CheckpointError, NotCommittedError, RestoreError, SaveError
 from .options import CheckpointManagerOptions
 from .plan import plan_save
@@ -104,7 +104,8 @@ class CheckpointManager:
         self._pool = StagingPool()
         self._slots = threading.BoundedSemaphore(o.max_inflight_saves)
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
-        self._state_lock = threading.Lock()
+        # Re-entrant: the SIGTERM handler may run on the main thread while it holds the lock.
+        self._state_lock = threading.RLock()
         self._pending: list[cf.Future] = []
         self._failed: list[cf.Future] = []        # failed futures whose error is not yet raised
         self._last_step: Optional[int] = None     # highest step queued or committed
@@ -114,6 +115,8 @@ class CheckpointManager:
             for leftover in layout.find_leftovers(self.directory):
                 layout.remove_tree(leftover)
         self.reload()
+        if o.handle_sigterm:
+            signals.register(self)
 
     # ------------------------------------------------------------------ listing
 
@@ -287,6 +290,14 @@ class CheckpointManager:
         for f in done:
             self._on_done(f)   # the callback may not have run yet
         self._raise_pending_error()
+
+    def _drain_for_shutdown(self, timeout: float) -> None:
+        """Called by the SIGTERM handler: let queued saves commit, bounded by ``timeout``."""
+        if self._closed:
+            return
+        with self._state_lock:
+            pending = list(self._pending)
+        cf.wait(pending, timeout)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -61,6 +61,7 @@ class CheckpointManagerOptions:
     ``max_inflight_saves`` bounds the snapshots held in memory: when that many saves are
     still writing, ``save_async`` blocks. ``snapshot="lazy"`` returns from ``save_async``
     before the copy to host memory is finished and fences the next optimizer step instead.
+    ``handle_sigterm`` lets queued saves commit before the process stops on SIGTERM.
     """
 
     max_to_keep: Optional[int] = 3
@@ -77,6 +78,7 @@ class CheckpointManagerOptions:
     fsync: bool = True
     save_rng: bool = True
     cleanup_leftovers: bool = True
+    handle_sigterm: bool = True
 
     def __post_init__(self) -> None:
         if self.max_to_keep is not None and self.max_to_keep < 1:
