@@ -22,17 +22,3 @@ def small_model():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     return model, opt, sched
 
-
-def train_steps(model, opt, sched, n, seed=0):
-    import torch
-
-    losses = []
-    for _ in range(n):
-        x = torch.randn(5, 8)
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses

@@ -11,7 +11,21 @@ from async_ckpt import (CheckpointError, CheckpointManager, CheckpointManagerOpt
                         RestoreError, SaveError, layout)
 from async_ckpt.storage import NativeStorage
 
-from conftest import train_steps
+
+
+def train_steps(model, opt, sched, n, seed=0):
+    import torch
+
+    losses = []
+    for _ in range(n):
+        x = torch.randn(5, 8)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
 
 
 def opts(**kw):
