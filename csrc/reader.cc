@@ -103,18 +103,21 @@ void read_job(const std::vector<std::string>& paths, const std::vector<OpenFile>
   if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
 
   // raw_length is bounded by dst (or the 2 GiB cap when verifying) and the frame must
-  // declare exactly raw_length before anything is decoded.
+  // declare exactly raw_length before anything is allocated or decoded.
+  char* out = nullptr;
   char* final_out = j.dst ? static_cast<char*>(j.dst) : nullptr;
-  char* decoded = (r.shuffle || !final_out) ? s.decoded.ensure(r.raw_length) : final_out;
   try {
+    zstd::check_frame(stored, r.length, r.raw_length);  // before allocating scratch
+    char* decoded = (r.shuffle || !final_out) ? s.decoded.ensure(r.raw_length) : final_out;
     zstd::decompress(stored, r.length, decoded, r.raw_length);
+    out = decoded;
   } catch (const FormatError& e) {
     throw FormatError(where + ": " + e.what());
   } catch (const CodecError& e) {
     throw CodecError(where + ": " + e.what());
   }
-  char* out = decoded;
   if (r.shuffle) {
+    char* decoded = out;
     out = final_out ? final_out : s.unshuffled.ensure(r.raw_length);
     unshuffle(decoded, out, r.raw_length, static_cast<size_t>(r.shuffle));
   }

@@ -148,21 +148,26 @@ size_t compress(const void* src, size_t len, void* dst, size_t cap, int level) {
   return r;
 }
 
-void decompress(const void* src, size_t len, void* dst, size_t dst_len) {
+void check_frame(const void* src, size_t len, size_t expected) {
   const Api& a = api();
   const unsigned long long declared = a.getFrameContentSize(src, len);
   if (declared == kContentSizeError)
     throw FormatError("not a zstd frame (bad magic or truncated header)");
   if (declared == kContentSizeUnknown)
     throw FormatError("zstd frame does not declare its content size");
-  if (declared != dst_len)
+  if (declared != expected)
     throw FormatError("zstd frame declares " + std::to_string(declared) +
-                      " content bytes, expected " + std::to_string(dst_len));
+                      " content bytes, expected " + std::to_string(expected));
   const size_t frame = a.findFrameCompressedSize(src, len);
   if (a.isError(frame)) throw FormatError("corrupt zstd frame: " + err_name(a, frame));
   if (frame != len)
     throw FormatError("stored bytes hold " + std::to_string(len) + " bytes but the zstd frame is " +
                       std::to_string(frame) + " (exactly one frame required)");
+}
+
+void decompress(const void* src, size_t len, void* dst, size_t dst_len) {
+  const Api& a = api();
+  check_frame(src, len, dst_len);
   if (!t_ctx.d) {
     t_ctx.d = a.createDCtx();
     if (!t_ctx.d) throw CodecError("ZSTD_createDCtx failed (out of memory)");

@@ -25,6 +25,10 @@ size_t compress_bound(size_t len);
 // except a too-small destination, which returns 0 (the caller then stores the chunk raw).
 size_t compress(const void* src, size_t len, void* dst, size_t cap, int level);
 
+// Checks that src[0,len) is exactly one frame whose declared content size equals
+// expected; FormatError otherwise. Reads only the frame's headers; allocates nothing.
+void check_frame(const void* src, size_t len, size_t expected);
+
 // Checks that src[0,len) is exactly one frame whose declared content size equals dst_len
 // (FormatError otherwise, before any decoding), then decodes it into dst (CodecError on a
 // corrupt frame, FormatError when the decoded size differs).
