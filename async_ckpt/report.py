@@ -75,7 +75,8 @@ def _component_line(c: Any, rep: Any, sym: Symbols) -> str:
         detail = "missing"
     else:
         detail = "not saved (optional)"
-    return f"  {mark} {c.name:<16} {detail}"
+    width = max(len(sym.ok), len(sym.missing))
+    return f"  {mark:<{width}} {c.name:<16} {detail}"
 
 
 def render_step(rep: Any, out: TextIO, *, verbose: bool = False, sym: Symbols = EMOJI,

@@ -486,7 +486,8 @@ def check_legacy(ckpt: legacy.LegacyCheckpoint, *, quick: bool = False) -> StepR
         if c.present and all(n in bad_files for n in c.items):
             c.present = False
     rep.verdict = CORRUPT if rep.problems else _completeness(rep)
-    rep.fixable.append("convert it into the committed layout")
+    if rep.verdict != CORRUPT:
+        rep.fixable.append("convert it into the committed layout")
     rep.seconds = time.perf_counter() - t0
     return rep
 
