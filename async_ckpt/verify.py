@@ -465,6 +465,7 @@ def check_legacy(ckpt: legacy.LegacyCheckpoint, *, quick: bool = False) -> StepR
     t0 = time.perf_counter()
     rep = StepReport(str(ckpt.path), ckpt.path.name, ckpt.step, ckpt.layout, COMPLETE)
     problems = legacy.check(ckpt, quick)
+    rep.step = ckpt.step
     rep.notes.append(f"legacy layout ({ckpt.description}): run fix to convert")
     for name in ckpt.skipped:
         rep.notes.append(f"{name}: skipped, it is a pickled Python object (never loaded)")
