@@ -104,6 +104,9 @@ class CheckpointManager:
         self._pool = StagingPool()
         self._slots = threading.BoundedSemaphore(o.max_inflight_saves)
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
+        self._copier = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-snapshot")
+        self._unfenced: list = []                  # lazy snapshots whose copies may still run
+        self._fence_hooks: dict[int, Any] = {}     # id(optimizer) → step pre-hook handle
         # Re-entrant: the SIGTERM handler may run on the main thread while it holds the lock.
         self._state_lock = threading.RLock()
         self._pending: list[cf.Future] = []
@@ -193,11 +196,13 @@ class CheckpointManager:
         if self.options.save_rng:
             full_state[RNG_ITEM] = rng.capture()
         plan = plan_save(full_state, self.options.chunk_bytes)   # TypeError names a bad path
+        lazy = self.options.snapshot == "lazy"
+        deferred = self._arm_fence(state, plan) if lazy else frozenset()
         self._slots.acquire()
         try:
             buffer = self._pool.acquire(plan.staging_bytes)
             try:
-                snapshot = take_snapshot(plan, buffer)
+                snapshot = take_snapshot(plan, buffer, wait=not lazy, deferred=deferred, copier=self._copier)
             except BaseException:
                 self._pool.release(buffer)
                 raise
@@ -206,6 +211,8 @@ class CheckpointManager:
             raise
         stall = time.perf_counter() - started
         with self._state_lock:
+            if lazy:
+                self._unfenced.append(snapshot)
             self._last_step = step
             future = self._executor.submit(self._write_in_background, step, snapshot, metrics, created)
             self._pending.append(future)
@@ -216,6 +223,49 @@ class CheckpointManager:
              *, force: bool = True) -> Optional[SaveResult]:
         """Save and block until ``step`` is committed. Returns None when the step is skipped."""
         return self.save_async(step, state, metrics, force=force).result()
+
+    # ------------------------------------------------------------------ lazy snapshots
+
+    def _arm_fence(self, state: Mapping[str, Any], plan) -> frozenset[int]:
+        """Hook every optimizer in ``state`` and return the arrays its next step mutates.
+
+        Only those arrays (parameters and optimizer moments) are copied lazily; everything
+        else (buffers that a forward pass updates, plain tensors) is copied before
+        ``save_async`` returns.
+        """
+        import torch
+
+        fenced_ptrs: set[int] = set()
+        for value in state.values():
+            if not isinstance(value, torch.optim.Optimizer):
+                continue
+            if id(value) not in self._fence_hooks:
+                self._fence_hooks[id(value)] = value.register_step_pre_hook(
+                    lambda *_: self._fence_pending())
+            for group in value.param_groups:
+                fenced_ptrs.update(p.data_ptr() for p in group["params"])
+            for per_param in value.state.values():
+                fenced_ptrs.update(t.data_ptr() for t in per_param.values() if isinstance(t, torch.Tensor))
+        return frozenset(i for i, ref in enumerate(plan.arrays)
+                         if isinstance(ref.value, torch.Tensor) and ref.nbytes
+                         and ref.value.data_ptr() in fenced_ptrs)
+
+    def _fence_pending(self) -> None:
+        with self._state_lock:
+            pending, self._unfenced = self._unfenced, []
+        for snapshot in pending:
+            snapshot.fence()
+
+    def wait_for_snapshot(self) -> None:
+        """Block until every lazy snapshot's copies are complete.
+
+        Lazy mode fences optimizer steps automatically; call this before mutating saved
+        tensors any other way (an EMA update, weight surgery, loading new weights).
+        """
+        with self._state_lock:
+            pending, self._unfenced = self._unfenced, []
+        for snapshot in pending:
+            snapshot.wait()
 
     def _write_in_background(self, step: int, snapshot, metrics: dict[str, float], created: float
                              ) -> tuple[CommitInfo, float]:
@@ -312,6 +362,11 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._executor.shutdown(wait=True)
+            self._copier.shutdown(wait=True)
+            for handle in self._fence_hooks.values():
+                handle.remove()
+            self._fence_hooks.clear()
+            self._unfenced.clear()
             self._pool.clear()
             self._release_lock()
 

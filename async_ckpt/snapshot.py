@@ -10,6 +10,7 @@ touched by the background writer thread (``release``), hence the lock.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -64,18 +65,37 @@ class StagingPool:
 
 @dataclass
 class Snapshot:
-    """A plan plus the staging buffer that holds its bytes; ``ready`` fires when copies land."""
+    """A plan plus the staging buffer that holds its bytes.
+
+    Copies may still be running: ``cpu_copies`` (a future of the background copier, lazy
+    mode) and ``cuda_event`` (recorded after the side-stream copies). ``wait`` blocks the
+    host until both are done (the background writer calls it); ``fence`` is what the
+    training thread calls before mutating fenced tensors (optimizer step pre-hook): it
+    blocks on CPU copies but only orders the current CUDA stream after the copy event.
+    """
 
     plan: SavePlan
     buffer: torch.Tensor
     cuda_event: Optional["torch.cuda.Event"] = None
+    cpu_copies: Optional[Future] = None
     _done: bool = field(default=False)
 
     def wait(self) -> None:
-        """Block until every copy into the buffer is complete (idempotent)."""
-        if not self._done and self.cuda_event is not None:
+        """Block until every copy into the buffer is complete (idempotent); re-raise copy errors."""
+        if self._done:
+            return
+        if self.cpu_copies is not None:
+            self.cpu_copies.result()
+        if self.cuda_event is not None:
             self.cuda_event.synchronize()
         self._done = True
+
+    def fence(self) -> None:
+        """Make later work on the training thread/stream unable to race the copies."""
+        if self.cpu_copies is not None:
+            self.cpu_copies.result()
+        if self.cuda_event is not None and not self._done:
+            torch.cuda.current_stream().wait_event(self.cuda_event)
 
     def view(self) -> memoryview:
         """The staging bytes as a writable memoryview, for the IO layer."""
@@ -92,41 +112,69 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return _side_streams[index]
 
 
-def take_snapshot(plan: SavePlan, buffer: torch.Tensor, wait: bool = True) -> Snapshot:
-    """Copy every array of ``plan`` into ``buffer``. With ``wait`` the copies are complete
-    on return; otherwise ``Snapshot.wait()`` (or the returned event) says when."""
+def _host_destination(plan: SavePlan, buffer: torch.Tensor, host: np.ndarray, index: int):
+    ref, offset = plan.arrays[index], plan.offsets[index]
+    kind, dtype, _ = parse_array_dtype(ref.dtype)
+    if kind == "numpy":
+        return kind, host[offset:offset + ref.nbytes].view(dtype).reshape(ref.shape)
+    return kind, buffer[offset:offset + ref.nbytes].view(dtype).view(ref.shape)
+
+
+def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: list[int]) -> None:
     host = buffer.numpy()
-    event = None
-    streams_used = []
-    for ref, offset in zip(plan.arrays, plan.offsets):
+    for i in indices:
+        kind, dst = _host_destination(plan, buffer, host, i)
+        value = plan.arrays[i].value
+        if kind == "numpy":
+            np.copyto(dst, value, casting="no")
+        else:
+            dst.copy_(value.detach())
+
+
+def take_snapshot(plan: SavePlan, buffer: torch.Tensor, wait: bool = True,
+                  deferred: frozenset[int] = frozenset(), copier: Optional[Executor] = None) -> Snapshot:
+    """Copy every array of ``plan`` into ``buffer``.
+
+    Eager (default): every copy is complete on return. Lazy: CPU arrays whose index is in
+    ``deferred`` are copied by ``copier`` in the background and CUDA copies are left
+    running on a side stream; the caller must ``fence`` the snapshot before anything
+    mutates a deferred array. CUDA arrays not in ``deferred`` are first cloned on the
+    training stream, so kernels queued later (e.g. BatchNorm statistics) cannot race.
+    """
+    now: list[int] = []
+    later: list[int] = []
+    streams_used: list = []
+    host = buffer.numpy()
+    for i, ref in enumerate(plan.arrays):
         if ref.nbytes == 0:
             continue
-        kind, dtype, _ = parse_array_dtype(ref.dtype)
         value = ref.value
-        if kind == "numpy":
-            dst = host[offset:offset + ref.nbytes].view(dtype).reshape(ref.shape)
-            np.copyto(dst, value, casting="no")
-            continue
-        dst = buffer[offset:offset + ref.nbytes].view(dtype).view(ref.shape)
-        if value.device.type == "cuda":
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
             stream = _side_stream(value.device)
             if stream not in streams_used:
                 # Copies must see every kernel already queued on the training stream.
                 stream.wait_stream(torch.cuda.current_stream(value.device))
                 streams_used.append(stream)
+            src = value.detach() if wait or i in deferred else value.detach().clone()
+            _, dst = _host_destination(plan, buffer, host, i)
             with torch.cuda.stream(stream):
-                dst.copy_(value.detach(), non_blocking=True)
-                # The caching allocator must not hand this memory to the training
-                # stream until the side-stream copy has read it.
-                value.record_stream(stream)
+                dst.copy_(src, non_blocking=True)
+            # The caching allocator must not hand this memory to the training stream
+            # until the side-stream copy has read it.
+            src.record_stream(stream)
+        elif not wait and i in deferred and copier is not None:
+            later.append(i)
         else:
-            dst.copy_(value.detach())
+            now.append(i)
+    _copy_cpu(plan, buffer, now)
+    event = None
     if streams_used:
         event = torch.cuda.Event()
         for s in streams_used[1:]:
             streams_used[0].wait_stream(s)
         event.record(streams_used[0])
-    snap = Snapshot(plan, buffer, event)
+    future = copier.submit(_copy_cpu, plan, buffer, later) if later else None
+    snap = Snapshot(plan, buffer, event, future)
     if wait:
         snap.wait()
     return snap
