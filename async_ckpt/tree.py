@@ -1,0 +1,748 @@
+"""Typed, pickle-free codec between Python state trees and JSON nodes (docs/FORMAT.md §5).
+
+Who calls what, on which thread:
+
+1. The snapshot/planning code calls :func:`encode_tree` on the **training thread**,
+   before the fence is released. It gets the JSON-able ``tree`` for the manifest and
+   a list of :class:`ArrayRef` whose ``value`` is the caller's original tensor or
+   ndarray (not copied): the snapshot copies those into staging buffers itself.
+   Encoding never touches storage and never copies tensor data (the two exceptions:
+   tensors carrying a lazy conj/neg bit and big-endian ndarrays are materialised).
+2. Manifest validation (layout code, ``verify``) calls :func:`parse_array_dtype` on
+   every ``arrays[i].dtype`` and :func:`walk_arrays` to learn which indices the tree
+   references; both raise :class:`~async_ckpt.errors.FormatError` on malformed input.
+3. Restore / ``load`` calls :func:`decode_tree` on the **caller's thread** after the
+   payloads are materialised, one object per array index. Decoding treats the node as
+   untrusted input: it never evaluates, imports or unpickles anything, and every
+   failure is a ``FormatError`` naming the path.
+
+Encoding rejects what it cannot represent with ``TypeError`` naming the path, e.g.
+``optimizer.param_groups[0].foo`` or ``model["weird key"]``.
+
+Stateful objects (anything with ``state_dict()``/``load_state_dict()``) are encoded
+as their state dict and decode to the plain decoded state dict: putting it back
+into the object is the restore code's job. Generators decode to new, usable
+generators. ``dict``/``list``/``tuple`` subclasses (``OrderedDict``, named tuples)
+decode as the base type. torch is optional: without it this module still imports
+and validates nodes; tensor nodes then fail to decode.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence, Union
+
+import numpy as np
+
+from .errors import FormatError
+
+try:  # torch is optional so that verify can check a checkpoint without it
+    import torch
+except ImportError:  # pragma: no cover - exercised only on torch-less installs
+    torch = None  # type: ignore[assignment]
+
+__all__ = [
+    "ArrayRef",
+    "MAX_DEPTH",
+    "Node",
+    "decode_tree",
+    "dtype_name",
+    "encode_tree",
+    "is_stateful",
+    "parse_array_dtype",
+    "walk_arrays",
+]
+
+Node = Union[None, bool, int, float, str, dict, list]
+MAX_DEPTH = 256
+
+# --------------------------------------------------------------------------- dtypes
+
+# Every torch dtype an array payload may have, with its itemsize. Static so that
+# readers without torch can size payloads; quantized, bits* and sub-byte dtypes
+# are deliberately absent (no stable byte layout).
+_TORCH_ARRAY_ITEMSIZE = {
+    "torch.bool": 1,
+    "torch.uint8": 1, "torch.int8": 1,
+    "torch.uint16": 2, "torch.int16": 2,
+    "torch.uint32": 4, "torch.int32": 4,
+    "torch.uint64": 8, "torch.int64": 8,
+    "torch.float16": 2, "torch.bfloat16": 2, "torch.float32": 4, "torch.float64": 8,
+    "torch.complex32": 4, "torch.complex64": 8, "torch.complex128": 16,
+    "torch.float8_e4m3fn": 1, "torch.float8_e4m3fnuz": 1,
+    "torch.float8_e5m2": 1, "torch.float8_e5m2fnuz": 1,
+    "torch.float8_e8m0fnu": 1, "torch.float4_e2m1fn_x2": 1,
+}
+
+_TORCH_DTYPES: dict[str, Any] = {}       # canonical name -> torch.dtype (all of them, for torch.dtype nodes)
+_TORCH_ARRAY_NAMES: dict[Any, str] = {}  # torch.dtype -> name, array-capable dtypes only
+if torch is not None:
+    for _attr in dir(torch):
+        _obj = getattr(torch, _attr)
+        if isinstance(_obj, torch.dtype) and str(_obj) == "torch." + _attr:
+            _TORCH_DTYPES[str(_obj)] = _obj
+    for _name in _TORCH_ARRAY_ITEMSIZE:
+        if _name in _TORCH_DTYPES:
+            _TORCH_ARRAY_NAMES[_TORCH_DTYPES[_name]] = _name
+    del _attr, _obj, _name
+
+_STRIDED = torch.strided if torch is not None else None
+_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter}) if torch is not None else frozenset()
+_NP_DTYPE_RE = re.compile(r"[<|][biufc][0-9]{1,2}\Z")
+_NP_KINDS = frozenset("biufc")
+
+
+def parse_array_dtype(dtype: str) -> tuple[str, Any, int]:
+    """Parse an ``arrays[i].dtype`` string into ``(kind, dtype_obj, itemsize)``.
+
+    ``kind`` is ``"torch"`` (``dtype_obj`` a ``torch.dtype``, or ``None`` when torch
+    is not installed) or ``"numpy"`` (``dtype_obj`` a ``numpy.dtype``). Only the
+    canonical spelling is accepted (``torch.float32``, not ``torch.float``; ``<f4``,
+    not ``float32``); numpy dtypes must be bool/int/uint/float/complex and
+    little-endian. Anything else raises ``FormatError``.
+    """
+    if type(dtype) is not str:
+        raise FormatError(f"array dtype must be a string, got {type(dtype).__name__}")
+    if dtype.startswith("torch."):
+        itemsize = _TORCH_ARRAY_ITEMSIZE.get(dtype)
+        if itemsize is None:
+            raise FormatError(f"unsupported array dtype {dtype!r}")
+        if torch is None:
+            return "torch", None, itemsize
+        obj = _TORCH_DTYPES.get(dtype)
+        if obj is None:
+            raise FormatError(f"array dtype {dtype!r} is not available in torch {torch.__version__}")
+        return "torch", obj, itemsize
+    if not _NP_DTYPE_RE.match(dtype):
+        raise FormatError(f"unsupported array dtype {dtype!r}")
+    try:
+        obj = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise FormatError(f"unsupported array dtype {dtype!r}") from None
+    if obj.str != dtype or obj.kind not in _NP_KINDS or obj.itemsize == 0:
+        raise FormatError(f"unsupported array dtype {dtype!r}")
+    return "numpy", obj, obj.itemsize
+
+
+def _np_dtype_name(dt: np.dtype) -> str | None:
+    if dt.kind not in _NP_KINDS or dt.byteorder == ">" or dt.fields is not None:
+        return None
+    return dt.str
+
+
+def dtype_name(t: Any) -> str:
+    """The ``arrays[i].dtype`` string for a tensor, ndarray, ``torch.dtype`` or ``numpy.dtype``.
+
+    Inverse of :func:`parse_array_dtype`. Raises ``TypeError`` for dtypes that cannot
+    be an array payload (quantized, object, big-endian, ...).
+    """
+    if torch is not None:
+        if isinstance(t, torch.Tensor):
+            t = t.dtype
+        if isinstance(t, torch.dtype):
+            name = _TORCH_ARRAY_NAMES.get(t)
+            if name is None:
+                raise TypeError(f"{t} cannot be stored as an array")
+            return name
+    if isinstance(t, np.ndarray):
+        t = t.dtype
+    if isinstance(t, np.dtype):
+        name = _np_dtype_name(t)
+        if name is None:
+            raise TypeError(f"numpy dtype {t.str!r} cannot be stored as an array "
+                            "(only little-endian bool/int/uint/float/complex)")
+        return name
+    raise TypeError(f"dtype_name() takes a tensor, ndarray or dtype, not {type(t).__name__}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayRef:
+    """One array payload to write: ``value``'s bytes, C-contiguous, little-endian.
+
+    ``value`` is the caller's original tensor/ndarray (any device, possibly
+    non-contiguous): making it contiguous and copying it out is the snapshot's job.
+    """
+
+    value: Any
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _array_ref(value: Any, dtype: str, shape: tuple[int, ...], nbytes: int,
+               _new: Any = object.__new__) -> ArrayRef:
+    # ArrayRef(...) costs ~1 us through the frozen __setattr__ guard; encode makes one
+    # per tensor, so fill the instance dict directly (same result, ~3x faster).
+    ref = _new(ArrayRef)
+    d = ref.__dict__
+    d["value"] = value
+    d["dtype"] = dtype
+    d["shape"] = shape
+    d["nbytes"] = nbytes
+    return ref
+
+
+def is_stateful(obj: Any) -> bool:
+    """True for objects with callable ``state_dict`` and ``load_state_dict`` methods.
+
+    Tensors, dicts and classes (whose unbound methods would match) are not stateful.
+    """
+    if isinstance(obj, (dict, type)) or (torch is not None and isinstance(obj, torch.Tensor)):
+        return False
+    try:
+        return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+    except Exception:  # a property raising on access: not something we can snapshot
+        return False
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _PathError(Exception):
+    """Internal: carries a message up the recursion, collecting path components."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.parts: list[Any] = []  # innermost first; str = dict key, int = index
+        self.key_error = False      # raised for a dict key: the dict itself is the path
+
+
+def _key_part(key: Any) -> str:
+    if isinstance(key, str):
+        return f".{key}" if key.isidentifier() else f"[{_quote(key)}]"
+    return f"[{key}]"
+
+
+def _quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _join_path(base: str, parts: list[Any]) -> str:
+    out = base
+    for p in reversed(parts):
+        part = _key_part(p)
+        if not out and part.startswith("."):
+            part = part[1:]
+        out += part
+    return out or "<root>"
+
+
+# --------------------------------------------------------------------------- encode
+
+_NONFINITE = {"nan", "inf", "-inf"}
+_GENERATOR_NAMES = frozenset({"PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"})
+
+
+class _Encoder:
+    __slots__ = ("refs", "by_id", "by_key", "keep", "devices", "max_depth")
+
+    def __init__(self, max_depth: int) -> None:
+        self.refs: list[ArrayRef] = []
+        self.by_id: dict[int, tuple[int, str]] = {}   # id(tensor/ndarray) -> (index, device)
+        self.by_key: dict[tuple, int] = {}             # storage view -> index (tied tensors)
+        self.keep: list[Any] = []                      # keeps encoded objects alive: ids stay unique
+        self.devices: dict[Any, str] = {}
+        self.max_depth = max_depth
+
+    def enc(self, obj: Any, depth: int) -> Node:
+        t = type(obj)
+        if t is str or t is int or t is bool or obj is None:
+            return obj
+        if t is float:
+            return obj if math.isfinite(obj) else _float_node(obj)
+        if t is dict or t is list or t is tuple:
+            return self.container(obj, depth)
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        return self.other(obj, depth)
+
+    def container(self, obj: Any, depth: int) -> Node:
+        if depth >= self.max_depth:
+            raise _PathError(f"tree nests deeper than {self.max_depth} levels (a cycle?)")
+        # The loops dispatch plain tensors inline: state dicts are mostly tensors, and
+        # one Python call less per leaf is a measurable share of encode time.
+        enc = self.enc
+        tensor = self.tensor
+        d = depth + 1
+        k: Any = None
+        if isinstance(obj, dict):
+            keys: list[Any] = []
+            values: list[Node] = []
+            kadd = keys.append
+            vadd = values.append
+            try:
+                for k, v in obj.items():
+                    tk = type(k)
+                    if tk is not str and tk is not int:
+                        k = _normalise_key(k)
+                    kadd(k)
+                    vadd(tensor(v) if type(v) in _TENSOR_TYPES else enc(v, d))
+            except _PathError as e:
+                if e.key_error:
+                    e.key_error = False  # the path is this dict's, not the bad key's
+                else:
+                    e.parts.append(k)
+                raise
+            return {"$": "dict", "keys": keys, "values": values}
+        out: list[Node] = []
+        add = out.append
+        i = 0
+        try:
+            for i, v in enumerate(obj):
+                add(tensor(v) if type(v) in _TENSOR_TYPES else enc(v, d))
+        except _PathError as e:
+            e.parts.append(i)
+            raise
+        return {"$": "tuple" if isinstance(obj, tuple) else "list", "v": out}
+
+    def tensor(self, t: Any) -> Node:
+        hit = self.by_id.get(id(t))
+        if hit is None:
+            hit = self.new_tensor(t)
+        return {"$": "tensor", "array": hit[0], "device": hit[1], "requires_grad": t.requires_grad}
+
+    def new_tensor(self, t: Any) -> tuple[int, str]:
+        dtype = t.dtype
+        name = _TORCH_ARRAY_NAMES.get(dtype)
+        if name is None:
+            raise _PathError(f"tensor dtype {dtype} is not supported")
+        dev = t.device
+        dev_s = self.devices.get(dev)
+        if dev_s is None:
+            if dev.type == "meta":
+                raise _PathError("meta tensors have no data to save")
+            dev_s = self.devices[dev] = str(dev)
+        if t.layout is not _STRIDED:
+            raise _PathError(f"tensor with layout {t.layout} cannot be saved (dense tensors only)")
+        try:
+            shape = tuple(t.shape)
+            nbytes = t.nbytes
+            idx = key = None
+            lazy = t.is_conj() or t.is_neg()
+            if nbytes:  # empty tensors are tied by identity only (their data_ptr may be 0)
+                key = (t.data_ptr(), dtype, shape, t.stride(), dev)
+                if lazy:
+                    key += (t.is_conj(), t.is_neg())
+                idx = self.by_key.get(key)
+        except RuntimeError as exc:  # nested tensors, tensors without storage
+            raise _PathError(f"tensor cannot be saved: {exc}") from None
+        if idx is None:
+            # lazy conj/neg bits: the raw memory is not the value, materialise it
+            value = t.resolve_conj().resolve_neg() if lazy else t
+            idx = len(self.refs)
+            self.refs.append(_array_ref(value, name, shape, nbytes))
+            if key is not None:
+                self.by_key[key] = idx
+        self.keep.append(t)
+        hit = (idx, dev_s)
+        self.by_id[id(t)] = hit
+        return hit
+
+    def ndarray(self, a: np.ndarray) -> Node:
+        hit = self.by_id.get(id(a))
+        if hit is not None:
+            return {"$": "ndarray", "array": hit[0]}
+        if isinstance(a, np.ma.MaskedArray):
+            raise _PathError("numpy masked arrays are not supported")
+        dt = a.dtype
+        if dt.kind not in _NP_KINDS or dt.fields is not None:
+            raise _PathError(f"ndarray of dtype {dt} is not supported "
+                             "(only bool/int/uint/float/complex)")
+        value = a
+        if dt.byteorder == ">":
+            dt = dt.newbyteorder("<")
+            value = a.astype(dt)
+        name = dt.str
+        shape = tuple(int(s) for s in a.shape)
+        idx = None
+        key = None
+        if a.size:
+            key = ("n", a.__array_interface__["data"][0], name, shape, a.strides)
+            idx = self.by_key.get(key)
+        if idx is None:
+            idx = len(self.refs)
+            self.refs.append(_array_ref(value, name, shape, int(a.size) * dt.itemsize))
+            if key is not None:
+                self.by_key[key] = idx
+        self.keep.append(a)
+        self.by_id[id(a)] = (idx, "cpu")
+        return {"$": "ndarray", "array": idx}
+
+    def other(self, obj: Any, depth: int) -> Node:
+        if isinstance(obj, np.generic) and obj.dtype.kind in _NP_KINDS:
+            return {"$": "npscalar", "dtype": obj.dtype.newbyteorder("<").str,
+                    "b64": base64.b64encode(obj.astype(obj.dtype.newbyteorder("<")).tobytes()).decode("ascii")}
+        if isinstance(obj, np.ndarray):
+            return self.ndarray(obj)
+        if isinstance(obj, (bytes, bytearray)):
+            return {"$": "bytes", "b64": base64.b64encode(obj).decode("ascii")}
+        if torch is not None:
+            if isinstance(obj, torch.Size):
+                return {"$": "torch.Size", "v": [int(s) for s in obj]}
+            if isinstance(obj, torch.dtype):
+                name = str(obj)
+                if name not in _TORCH_DTYPES:
+                    raise _PathError(f"unknown torch dtype {obj}")
+                return {"$": "torch.dtype", "v": name}
+            if isinstance(obj, torch.Generator):
+                if obj.device.type != "cpu":
+                    raise _PathError(f"torch.Generator on {obj.device} is not supported "
+                                     "(save its get_state() tensor instead)")
+                return {"$": "torch.generator", "v": self.wrapped(obj.get_state(), depth)}
+        if isinstance(obj, (dict, list, tuple)):
+            return self.container(obj, depth)
+        if isinstance(obj, float):  # float subclasses (np.float64 is handled above)
+            obj = float(obj)
+            return obj if math.isfinite(obj) else _float_node(obj)
+        if isinstance(obj, str):
+            return str.__str__(obj)
+        if isinstance(obj, int):  # bool is handled by the fast path; IntEnum and friends
+            return int.__index__(obj)
+        if isinstance(obj, np.random.Generator):
+            return {"$": "np.generator", "v": self.wrapped(obj.bit_generator.state, depth)}
+        if isinstance(obj, np.random.RandomState):
+            return {"$": "np.randomstate", "v": self.wrapped(obj.get_state(legacy=True), depth)}
+        if is_stateful(obj):
+            return {"$": "state", "type": _qualname(obj), "v": self.wrapped(obj.state_dict(), depth)}
+        raise _PathError(f"cannot save a value of type {_qualname(obj)} "
+                         "(no state_dict()/load_state_dict(); see docs/FORMAT.md section 5)")
+
+    def wrapped(self, value: Any, depth: int) -> Node:
+        if depth >= self.max_depth:
+            raise _PathError(f"tree nests deeper than {self.max_depth} levels (a cycle?)")
+        return self.enc(value, depth + 1)
+
+
+def _normalise_key(k: Any) -> str | int:
+    if isinstance(k, str):
+        return str.__str__(k)
+    if isinstance(k, int) and not isinstance(k, bool):
+        return int.__index__(k)
+    e = _PathError(f"dict key {k!r} of type {type(k).__name__} is not supported "
+                   "(keys must be str or int)")
+    e.key_error = True
+    raise e
+
+
+def _float_node(x: float) -> dict:
+    return {"$": "float", "v": "nan" if x != x else ("inf" if x > 0 else "-inf")}
+
+
+def encode_tree(obj: Any, *, path: str = "", max_depth: int = MAX_DEPTH) -> tuple[Node, list[ArrayRef]]:
+    """Encode ``obj`` into a JSON-able node and the array payloads it references.
+
+    The node is ready for ``json.dumps(node, allow_nan=False)``. ``arrays[i]``
+    describes the payload referenced by ``"array": i``; tensors that are the same
+    object, or views of the same memory with equal shape, stride and dtype, share
+    one index. ``path`` prefixes error messages. Raises ``TypeError`` naming the
+    path for values the format cannot represent and for nesting deeper than
+    ``max_depth`` containers.
+    """
+    enc = _Encoder(max_depth)
+    try:
+        node = enc.enc(obj, 0)
+    except _PathError as e:
+        raise TypeError(f"{_join_path(path, e.parts)}: {e.message}") from None
+    except RecursionError:
+        raise TypeError(f"{path or '<root>'}: tree nests too deeply for the Python stack") from None
+    return node, enc.refs
+
+
+# --------------------------------------------------------------------------- decode
+
+_FIELDS = {
+    "float": frozenset({"$", "v"}),
+    "dict": frozenset({"$", "keys", "values"}),
+    "list": frozenset({"$", "v"}),
+    "tuple": frozenset({"$", "v"}),
+    "bytes": frozenset({"$", "b64"}),
+    "tensor": frozenset({"$", "array", "device", "requires_grad"}),
+    "ndarray": frozenset({"$", "array"}),
+    "npscalar": frozenset({"$", "dtype", "b64"}),
+    "torch.dtype": frozenset({"$", "v"}),
+    "torch.Size": frozenset({"$", "v"}),
+    "state": frozenset({"$", "type", "v"}),
+    "np.generator": frozenset({"$", "v"}),
+    "torch.generator": frozenset({"$", "v"}),
+    "np.randomstate": frozenset({"$", "v"}),
+}
+# what numpy/torch raise for a malformed generator state (never anything that ran code)
+_STATE_ERRORS = (ValueError, TypeError, KeyError, OverflowError, IndexError, RuntimeError, AttributeError)
+_CONTAINER_TAGS = frozenset({"dict", "list", "tuple", "state", "np.generator",
+                             "torch.generator", "np.randomstate"})
+
+
+def _b64(s: Any, what: str) -> bytes:
+    if type(s) is not str:
+        raise _PathError(f"{what}.b64 must be a string")
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _PathError(f"{what}.b64 is not valid base64: {exc}") from None
+
+
+class _Decoder:
+    __slots__ = ("arrays", "n_arrays", "max_depth", "seen")
+
+    def __init__(self, arrays: Sequence[Any] | None, max_depth: int) -> None:
+        self.arrays = arrays               # None: validate only, collect indices in `seen`
+        self.n_arrays = len(arrays) if arrays is not None else None
+        self.max_depth = max_depth
+        self.seen: list[int] = []
+
+    def dec(self, node: Any, depth: int) -> Any:
+        t = type(node)
+        if t is str or t is int or t is bool or node is None:
+            return node
+        if t is float:
+            if not math.isfinite(node):
+                raise _PathError(f"non-finite number {node!r} (use a float node)")
+            return node
+        if t is not dict:
+            raise _PathError(f"a node must be null, bool, number, string or object, not {t.__name__}")
+        tag = node.get("$")
+        fields = _FIELDS.get(tag) if type(tag) is str else None
+        if fields is None:
+            raise _PathError(f"unknown node tag {tag!r}" if "$" in node else "object node without a '$' tag")
+        if node.keys() != fields:
+            extra = sorted(map(str, node.keys() - fields))
+            missing = sorted(fields - node.keys())
+            raise _PathError(f"{tag} node: missing fields {missing}, unexpected fields {extra}")
+        if tag in _CONTAINER_TAGS:
+            if depth >= self.max_depth:
+                raise _PathError(f"tree nests deeper than {self.max_depth} levels")
+            return getattr(self, "tag_" + tag.replace(".", "_"))(node, depth + 1)
+        return getattr(self, "tag_" + tag.replace(".", "_"))(node)
+
+    # containers (get the child depth) ---------------------------------------------
+
+    def tag_dict(self, node: dict, d: int) -> dict:
+        keys, values = node["keys"], node["values"]
+        if type(keys) is not list or type(values) is not list:
+            raise _PathError("dict node: keys and values must be arrays")
+        if len(keys) != len(values):
+            raise _PathError(f"dict node: {len(keys)} keys but {len(values)} values")
+        out: dict = {}
+        dec = self.dec
+        for k, v in zip(keys, values):
+            tk = type(k)
+            if tk is not str and tk is not int:
+                raise _PathError(f"dict key {k!r} must be a string or an integer")
+            if k in out:
+                raise _PathError(f"duplicate dict key {k!r}")
+            try:
+                out[k] = dec(v, d)
+            except _PathError as e:
+                e.parts.append(k)
+                raise
+        return out
+
+    def _seq(self, node: dict, d: int) -> list:
+        items = node["v"]
+        if type(items) is not list:
+            raise _PathError(f"{node['$']} node: v must be an array")
+        out = []
+        dec = self.dec
+        i = 0
+        try:
+            for i, v in enumerate(items):
+                out.append(dec(v, d))
+        except _PathError as e:
+            e.parts.append(i)
+            raise
+        return out
+
+    def tag_list(self, node: dict, d: int) -> list:
+        return self._seq(node, d)
+
+    def tag_tuple(self, node: dict, d: int) -> tuple:
+        return tuple(self._seq(node, d))
+
+    def tag_state(self, node: dict, d: int) -> Any:
+        if type(node["type"]) is not str:
+            raise _PathError("state node: type must be a string")
+        return self.dec(node["v"], d)
+
+    def tag_np_generator(self, node: dict, d: int) -> Any:
+        state = self.dec(node["v"], d)
+        name = state.get("bit_generator") if type(state) is dict else None
+        if type(name) is not str or name not in _GENERATOR_NAMES:
+            raise _PathError("np.generator node: v must be a bit generator state dict naming one of "
+                             f"{sorted(_GENERATOR_NAMES)}")
+        if self.arrays is None:
+            return None
+        bitgen = getattr(np.random, name)()
+        try:
+            bitgen.state = state
+        except _STATE_ERRORS as exc:
+            raise _PathError(f"np.generator node: invalid state: {exc}") from None
+        return np.random.Generator(bitgen)
+
+    def tag_np_randomstate(self, node: dict, d: int) -> Any:
+        state = self.dec(node["v"], d)
+        if type(state) is not tuple or not state or type(state[0]) is not str or state[0] != "MT19937":
+            raise _PathError("np.randomstate node: v must be a tuple ('MT19937', key, pos, ...)")
+        if self.arrays is None:
+            return None
+        rs = np.random.RandomState()
+        try:
+            rs.set_state(state)
+        except _STATE_ERRORS as exc:
+            raise _PathError(f"np.randomstate node: invalid state: {exc}") from None
+        return rs
+
+    def tag_torch_generator(self, node: dict, d: int) -> Any:
+        state = self.dec(node["v"], d)
+        if self.arrays is None:
+            if not (isinstance(node["v"], dict) and node["v"].get("$") == "tensor"):
+                raise _PathError("torch.generator node: v must be a tensor node")
+            return None
+        if torch is None:
+            raise _PathError("torch.generator node: torch is not installed")
+        if not isinstance(state, torch.Tensor) or state.dtype is not torch.uint8:
+            raise _PathError("torch.generator node: v must be a uint8 tensor")
+        gen = torch.Generator()
+        try:
+            gen.set_state(state)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise _PathError(f"torch.generator node: invalid state: {exc}") from None
+        return gen
+
+    # leaves --------------------------------------------------------------------
+
+    def tag_float(self, node: dict) -> float:
+        v = node["v"]
+        if type(v) is not str or v not in _NONFINITE:
+            raise _PathError(f"float node: v must be 'nan', 'inf' or '-inf', not {v!r}")
+        return float(v)
+
+    def tag_bytes(self, node: dict) -> bytes:
+        return _b64(node["b64"], "bytes")
+
+    def _array(self, node: dict) -> Any:
+        i = node["array"]
+        if type(i) is not int or i < 0:
+            raise _PathError(f"{node['$']} node: array must be a non-negative integer, not {i!r}")
+        if self.arrays is None:
+            self.seen.append(i)
+            return None
+        if i >= self.n_arrays:
+            raise _PathError(f"{node['$']} node: array index {i} out of range ({self.n_arrays} arrays)")
+        try:
+            return self.arrays[i]
+        except (IndexError, KeyError):  # a sparse sequence that did not materialise i
+            raise _PathError(f"{node['$']} node: array {i} was not materialised") from None
+
+    def tag_tensor(self, node: dict) -> Any:
+        if type(node["device"]) is not str:
+            raise _PathError("tensor node: device must be a string")
+        rg = node["requires_grad"]
+        if type(rg) is not bool:
+            raise _PathError("tensor node: requires_grad must be a boolean")
+        obj = self._array(node)
+        if self.arrays is None:
+            return None
+        if torch is None or not isinstance(obj, torch.Tensor):
+            raise _PathError(f"tensor node: array {node['array']} is a {type(obj).__name__}, "
+                             "not a tensor (its dtype is not a torch dtype)")
+        if rg and not obj.requires_grad:
+            try:
+                obj.requires_grad_(True)
+            except RuntimeError as exc:
+                raise _PathError(f"tensor node: cannot set requires_grad: {exc}") from None
+        return obj
+
+    def tag_ndarray(self, node: dict) -> Any:
+        obj = self._array(node)
+        if self.arrays is not None and not isinstance(obj, np.ndarray):
+            raise _PathError(f"ndarray node: array {node['array']} is a {type(obj).__name__}, "
+                             "not an ndarray (its dtype is not a numpy dtype)")
+        return obj
+
+    def tag_npscalar(self, node: dict) -> Any:
+        try:
+            kind, dt, itemsize = parse_array_dtype(node["dtype"])
+        except FormatError as exc:
+            raise _PathError(f"npscalar node: {exc}") from None
+        if kind != "numpy":
+            raise _PathError(f"npscalar node: dtype {node['dtype']!r} is not a numpy dtype")
+        raw = _b64(node["b64"], "npscalar")
+        if len(raw) != itemsize:
+            raise _PathError(f"npscalar node: {len(raw)} bytes for dtype {node['dtype']} "
+                             f"(itemsize {itemsize})")
+        if dt.kind == "b" and raw not in (b"\x00", b"\x01"):
+            raise _PathError(f"npscalar node: invalid bool byte {raw!r}")
+        return np.frombuffer(raw, dtype=dt)[0]
+
+    def tag_torch_dtype(self, node: dict) -> Any:
+        v = node["v"]
+        if type(v) is not str:
+            raise _PathError("torch.dtype node: v must be a string")
+        if torch is None:
+            raise _PathError("torch.dtype node: torch is not installed")
+        obj = _TORCH_DTYPES.get(v)
+        if obj is None:
+            raise _PathError(f"torch.dtype node: unknown dtype {v!r}")
+        return obj
+
+    def tag_torch_Size(self, node: dict) -> Any:
+        v = node["v"]
+        if type(v) is not list or any(type(s) is not int or not -(2**63) <= s < 2**63 for s in v):
+            raise _PathError("torch.Size node: v must be an array of 64-bit integers")
+        if torch is None:
+            raise _PathError("torch.Size node: torch is not installed")
+        try:
+            return torch.Size(v)
+        except (RuntimeError, OverflowError, TypeError, ValueError) as exc:
+            raise _PathError(f"torch.Size node: {exc}") from None
+
+
+def _check_depth(max_depth: Any) -> None:
+    if type(max_depth) is not int or max_depth < 0:
+        raise ValueError(f"max_depth must be a non-negative int, not {max_depth!r}")
+
+
+def _run(decoder: _Decoder, node: Any) -> Any:
+    try:
+        return decoder.dec(node, 0)
+    except _PathError as e:
+        raise FormatError(f"tree {_join_path('', e.parts)}: {e.message}") from None
+    except RecursionError:
+        raise FormatError("tree nests too deeply for the Python stack") from None
+
+
+def decode_tree(node: Any, arrays: Sequence[Any], *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode a typed-tree node (untrusted) back into Python values.
+
+    ``arrays[i]`` is the materialised payload of index ``i`` (a tensor for torch
+    dtypes, an ndarray for numpy dtypes); it is returned as is, never copied, so
+    tied leaves decode to the same object. A tensor node with
+    ``requires_grad: true`` turns it on for that object in place. Raises
+    ``FormatError`` naming the path for anything section 5 does not allow.
+    """
+    _check_depth(max_depth)
+    return _run(_Decoder(arrays, max_depth), node)
+
+
+def walk_arrays(node: Any, *, max_depth: int = MAX_DEPTH) -> Iterator[int]:
+    """Validate ``node`` structurally and return the array indices it references.
+
+    Indices come in tree order, once per reference (tied leaves repeat). The whole
+    tree is checked before anything is returned (unknown tags, field types,
+    depth, base64, dtypes), raising ``FormatError``; range checks against the
+    manifest's ``arrays`` are the caller's.
+    """
+    _check_depth(max_depth)
+    decoder = _Decoder(None, max_depth)
+    _run(decoder, node)
+    return iter(decoder.seen)
