@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import faults
 from .layout import ChunkEntry, FileEntry, Manifest, data_file_name
 from .snapshot import Snapshot
 
@@ -57,7 +58,13 @@ class NativeStorage(Storage):
         view = snapshot.view()
         jobs = [native.WriteJob(view[c.start:c.start + c.length], 0, self._codec, self._level, c.shuffle)
                 for c in snapshot.plan.chunks]
-        records = self._writer.write([str(Path(directory) / name)], jobs, self._fsync)
+        path = str(Path(directory) / name)
+        stop_watch = faults.watch_file("mid_write", path)   # None unless a test armed it
+        try:
+            records = self._writer.write([path], jobs, self._fsync)
+        finally:
+            if stop_watch is not None:
+                stop_watch()
         chunks = [ChunkEntry(r.file, r.offset, r.length, r.raw_length, _CODEC_NAMES[r.codec],
                              r.shuffle, r.crc32c, r.raw_crc32c) for r in records]
         # The manifest records the real size, padding included, so verify can compare it.
