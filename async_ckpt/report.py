@@ -104,8 +104,9 @@ def render_step(rep: Any, out: TextIO, *, verbose: bool = False, sym: Symbols = 
     if rep.layout == "async_ckpt":
         if rep.crc_checked:
             rate = rep.bytes_checked / rep.seconds if rep.seconds > 0 else 0.0
-            w(f"  integrity: {rep.chunks} chunk{'s' * (rep.chunks != 1)} crc-checked, {human_bytes(rep.bytes_checked)} in "
-              f"{rep.seconds:.2f} s ({human_bytes(rate)}/s)")
+            what = "decoded and crc-checked" if rep.deep else "crc-checked"
+            w(f"  integrity: {rep.chunks} chunk{'s' * (rep.chunks != 1)} {what}, {human_bytes(rep.bytes_checked)} "
+              f"in {rep.seconds:.2f} s ({human_bytes(rate)}/s)")
         else:
             w("  integrity: marker, manifest and file sizes only (--quick: chunk crcs not checked)")
     for n in rep.notes:

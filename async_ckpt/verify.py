@@ -7,8 +7,9 @@ folder, single ``torch.save`` file), which is judged the same way.
 
 Checks, in order: the commit marker and the manifest's digest (layout.commit_status),
 the manifest's validity (layout.parse_manifest), every data file present with its
-recorded size, and (unless ``--quick``) every chunk's CRC-32C through the native reader
-(parallel pread, GIL released, so it runs at disk speed). Bad chunks are mapped back to
+recorded size, and (unless ``--quick``) every chunk's stored CRC-32C through the native
+reader (parallel pread, GIL released, so it runs at disk speed); ``--deep`` also decodes
+each zstd frame and checks the decoded bytes' CRC-32C (CPU-bound). Bad chunks are mapped back to
 the tensor paths stored in them.
 
 Exit codes: 0 COMPLETE, 1 PARTIAL, 2 CORRUPT / UNCOMMITTED / not a checkpoint, 64 usage.
@@ -110,6 +111,7 @@ class StepReport:
     notes: list[str] = field(default_factory=list)
     fixable: list[str] = field(default_factory=list)       # what `fix` would do about it
     crc_checked: bool = False
+    deep: bool = False              # zstd frames decoded and raw crc32c checked too
     files: int = 0
     chunks: int = 0
     total_bytes: int = 0
@@ -185,7 +187,8 @@ def item_of_path(path: str) -> str:
 # ----------------------------------------------------------------------------- our layout
 
 def default_threads() -> int:
-    return max(4, min(16, (os.cpu_count() or 4) * 2))
+    """Reader threads: enough outstanding preads to keep a fast disk busy, even on few cores."""
+    return max(8, min(32, (os.cpu_count() or 4) * 2))
 
 
 def _short_error(message: str) -> str:
@@ -197,11 +200,15 @@ def _short_error(message: str) -> str:
 
 
 def scan_chunks(step_dir: Path, manifest: layout.Manifest, chunk_ids: Sequence[int], *,
-                threads: int | None = None, progress: Progress | None = None) -> dict[int, str]:
-    """CRC-check (and decode, discarding) the given chunks; return chunk → error for bad ones.
+                threads: int | None = None, progress: Progress | None = None,
+                deep: bool = False) -> dict[int, str]:
+    """CRC-check the given chunks; return chunk → error for the bad ones.
 
-    One native call per batch: the reader opens the files, preads in parallel with the
-    GIL released, checks stored and raw crc32c. Batches exist only to move the progress bar.
+    By default each chunk's *stored* bytes are checked against ``crc32c``: the reader is
+    handed every chunk as a raw range (length, crc32c), so it preads and crcs slice by
+    slice at disk speed without decoding. ``deep`` decodes zstd frames as well and checks
+    ``raw_crc32c`` (CPU-bound: catches a writer's codec bug, not disk damage). One native
+    call per batch (parallel pread, GIL released); batches exist only to move the bar.
     """
     from . import native
 
@@ -212,6 +219,15 @@ def scan_chunks(step_dir: Path, manifest: layout.Manifest, chunk_ids: Sequence[i
     paths = [str(step_dir / f.path) for f in manifest.files]
     reader = native.Reader(threads or default_threads())
     codec = {"raw": native.CODEC_RAW, "zstd": native.CODEC_ZSTD}
+
+    def job(i: int):
+        c = chunks[i]
+        if deep:
+            return native.ReadJob(c.file, c.offset, c.length, c.raw_length, codec[c.codec], c.shuffle,
+                                  c.crc32c, c.raw_crc32c, None, i)
+        return native.ReadJob(c.file, c.offset, c.length, c.length, native.CODEC_RAW, 0,
+                              c.crc32c, c.crc32c, None, i)
+
     total = sum(chunks[i].length for i in order)
     batch_bytes = max(256 << 20, total // 50) if progress is not None and progress.enabled else total + 1
     errors: dict[int, str] = {}
@@ -220,10 +236,7 @@ def scan_chunks(step_dir: Path, manifest: layout.Manifest, chunk_ids: Sequence[i
 
     def flush() -> None:
         nonlocal size
-        jobs = [native.ReadJob(chunks[i].file, chunks[i].offset, chunks[i].length, chunks[i].raw_length,
-                               codec[chunks[i].codec], chunks[i].shuffle, chunks[i].crc32c,
-                               chunks[i].raw_crc32c, None, i) for i in batch]
-        for i, err in zip(batch, reader.read(paths, jobs, True)):
+        for i, err in zip(batch, reader.read(paths, [job(i) for i in batch], True)):
             if err is not None:
                 errors[i] = _short_error(err)
         if progress is not None:
@@ -265,14 +278,9 @@ def _step_of_name(name: str) -> int | None:
     return step
 
 
-def check_ours(step_dir: Path, *, quick: bool = False, threads: int | None = None,
-               show_progress: bool | None = None) -> StepReport:
-    """Judge one directory in our layout (final-named, quarantined or without a marker)."""
-    t0 = time.perf_counter()
-    step = _step_of_name(step_dir.name)
-    rep = StepReport(str(step_dir), step_dir.name, step, OURS, UNCOMMITTED)
-    final_name = layout.parse_step_dir(step_dir.name) is not None
-
+def _diagnose(rep: StepReport, step_dir: Path, step: int | None
+              ) -> tuple[layout.Manifest | None, str, str]:
+    """Why a directory is not committed: (manifest if valid, marker state, marker detail)."""
     try:
         manifest_bytes: bytes | None = layout.read_manifest_bytes(step_dir)
     except FileNotFoundError:
@@ -297,16 +305,31 @@ def check_ours(step_dir: Path, *, quick: bool = False, threads: int | None = Non
         else:
             rep.problems.append("manifest.json missing: it cannot be rebuilt (the names of the saved "
                                 "values live only there)")
+    return manifest, marker, marker_detail
 
-    if final_name:
-        rep.committed = layout.commit_status(step_dir).committed
-    elif ".corrupt-" in step_dir.name:
+
+def check_ours(step_dir: Path, *, quick: bool = False, threads: int | None = None,
+               show_progress: bool | None = None, deep: bool = False) -> StepReport:
+    """Judge one directory in our layout (final-named, quarantined or without a marker)."""
+    t0 = time.perf_counter()
+    step = _step_of_name(step_dir.name)
+    rep = StepReport(str(step_dir), step_dir.name, step, OURS, UNCOMMITTED)
+    final_name = layout.parse_step_dir(step_dir.name) is not None
+
+    status = layout.commit_status(step_dir) if final_name else None
+    manifest: layout.Manifest | None = None
+    if status is not None and status.committed:
+        # The common case: commit_status already checked marker, digest and manifest.
+        rep.committed, manifest, marker, marker_detail = True, status.manifest, "ok", ""
+    else:
+        manifest, marker, marker_detail = _diagnose(rep, step_dir, step)
+    if ".corrupt-" in step_dir.name:
         rep.notes.append("quarantined by fix: restore ignores it")
     if marker != "ok" and not rep.reason:
         rep.reason = marker_detail
 
     if manifest is not None:
-        _check_manifest_files(rep, step_dir, manifest, quick, threads, show_progress)
+        _check_manifest_files(rep, step_dir, manifest, quick, threads, show_progress, deep)
 
     # Verdict.
     if marker == "bad":
@@ -334,7 +357,7 @@ def check_ours(step_dir: Path, *, quick: bool = False, threads: int | None = Non
 
 
 def _check_manifest_files(rep: StepReport, step_dir: Path, manifest: layout.Manifest, quick: bool,
-                          threads: int | None, show_progress: bool | None) -> None:
+                          threads: int | None, show_progress: bool | None, deep: bool = False) -> None:
     rep.writer = manifest.writer
     rep.created_unix = manifest.created_unix
     rep.world_size = manifest.world_size
@@ -386,10 +409,11 @@ def _check_manifest_files(rep: StepReport, step_dir: Path, manifest: layout.Mani
         scan_bytes = sum(manifest.chunks[i].length for i in to_scan)
         bar = Progress(scan_bytes, f"verify {step_dir.name}", enabled=show_progress)
         try:
-            bad.update(scan_chunks(step_dir, manifest, to_scan, threads=threads, progress=bar))
+            bad.update(scan_chunks(step_dir, manifest, to_scan, threads=threads, progress=bar, deep=deep))
         finally:
             bar.close()
         rep.crc_checked = True
+        rep.deep = deep
         rep.bytes_checked = scan_bytes
 
     chunk_arrays: dict[int, list[tuple[int, int]]] = {}
@@ -500,7 +524,7 @@ def _is_ours(path: Path) -> bool:
 
 
 def check_step(path: Path, *, quick: bool = False, threads: int | None = None,
-               show_progress: bool | None = None) -> StepReport:
+               show_progress: bool | None = None, deep: bool = False) -> StepReport:
     """Judge one step directory or legacy checkpoint (file or folder)."""
     path = Path(path)
     name = path.name
@@ -510,12 +534,12 @@ def check_step(path: Path, *, quick: bool = False, threads: int | None = None,
         rep.fixable.append("remove it (leftover of a crashed save)")
         return rep
     if path.is_dir() and not path.is_symlink() and _is_ours(path):
-        return check_ours(path, quick=quick, threads=threads, show_progress=show_progress)
+        return check_ours(path, quick=quick, threads=threads, show_progress=show_progress, deep=deep)
     found = legacy.detect(path)
     if found is not None:
         return check_legacy(found, quick=quick)
     if path.is_dir() and (layout.parse_step_dir(name) is not None or ".corrupt-" in name):
-        return check_ours(path, quick=quick, threads=threads, show_progress=show_progress)
+        return check_ours(path, quick=quick, threads=threads, show_progress=show_progress, deep=deep)
     what = "does not exist" if not path.exists() else "is not a checkpoint this tool recognises"
     return StepReport(str(path), name, None, "unknown", NOT_A_CHECKPOINT, reason=f"{path} {what}")
 
@@ -536,7 +560,7 @@ def is_root(path: Path) -> bool:
 
 
 def check_root(root: Path, *, quick: bool = False, threads: int | None = None,
-               show_progress: bool | None = None, step: int | None = None) -> RootReport:
+               show_progress: bool | None = None, step: int | None = None, deep: bool = False) -> RootReport:
     """Every step under ``root`` newest first (leftovers of crashed saves among them)."""
     root = Path(root)
     entries: list[tuple[int, int, Path]] = []
@@ -555,7 +579,8 @@ def check_root(root: Path, *, quick: bool = False, threads: int | None = None,
     if step is not None:
         entries = [x for x in entries if x[0] == step]
     entries.sort(key=lambda x: (-x[0], -x[1], x[2].name))
-    steps = [check_step(p, quick=quick, threads=threads, show_progress=show_progress) for _, _, p in entries]
+    steps = [check_step(p, quick=quick, threads=threads, show_progress=show_progress, deep=deep)
+             for _, _, p in entries]
     committed = [r.step for r in steps if r.committed and r.step is not None]
     restore_step = max(committed) if committed else None
     rep = RootReport(str(root), NOT_A_CHECKPOINT, steps, restore_step, quarantined)
@@ -581,13 +606,15 @@ def check_root(root: Path, *, quick: bool = False, threads: int | None = None,
 
 
 def check_path(path: Path, *, quick: bool = False, threads: int | None = None,
-               show_progress: bool | None = None, step: int | None = None) -> StepReport | RootReport:
+               show_progress: bool | None = None, step: int | None = None,
+               deep: bool = False) -> StepReport | RootReport:
     path = Path(path)
     if is_root(path):
-        return check_root(path, quick=quick, threads=threads, show_progress=show_progress, step=step)
+        return check_root(path, quick=quick, threads=threads, show_progress=show_progress, step=step,
+                          deep=deep)
     if step is not None and path.is_dir() and (path / layout.step_dir_name(step)).exists():
         path = path / layout.step_dir_name(step)
-    return check_step(path, quick=quick, threads=threads, show_progress=show_progress)
+    return check_step(path, quick=quick, threads=threads, show_progress=show_progress, deep=deep)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -624,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON document")
     p.add_argument("--quick", action="store_true",
                    help="skip the crc pass: marker, manifest and file sizes only")
+    p.add_argument("--deep", action="store_true",
+                   help="also decode every zstd frame and check the decoded bytes' crc (CPU-bound)")
     p.add_argument("--step", type=int, help="in a root, verify only this step")
     p.add_argument("--plain", action="store_true", help="ASCII [ok]/[missing] instead of emoji")
     p.add_argument("--threads", type=int, default=None, help="reader threads (default: %(default)s = auto)")
@@ -637,7 +666,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.step is not None and args.step < 0:
         build_parser().error("--step must be >= 0")
     try:
-        result = check_path(Path(args.path), quick=args.quick, threads=args.threads, step=args.step)
+        if args.quick and args.deep:
+            build_parser().error("--quick and --deep contradict each other")
+        result = check_path(Path(args.path), quick=args.quick, threads=args.threads, step=args.step,
+                            deep=args.deep)
     except ImportError as e:
         print(f"verify: the native extension is unavailable ({e}); --quick checks without it",
               file=sys.stderr)

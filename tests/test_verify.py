@@ -303,3 +303,19 @@ def test_cli_corrupt_output_names_tensor(complete):
     assert r.returncode == 2
     assert "CORRUPT" in r.stdout and f"offset {c.offset}" in r.stdout and "model" in r.stdout
     assert "restore would pick step 10" in r.stdout
+
+
+def test_deep_decodes_and_default_checks_stored_crc(tmp_path):
+    state = {"model": {"w": torch.randn(64, 1024)}, "optimizer": {}, "scheduler": {}, "progress": {},
+             "rng": rng.capture()}
+    step_dir = write_checkpoint(tmp_path, 1, state)
+    manifest = layout.read_manifest(step_dir)
+    assert verify.check_step(step_dir, deep=True).verdict == verify.COMPLETE
+    c = manifest.chunks[0]
+    _flip(step_dir / manifest.files[c.file].path, c.offset + c.length - 1)
+    for deep in (False, True):
+        rep = verify.check_step(step_dir, deep=deep)
+        assert rep.verdict == verify.CORRUPT and rep.deep == deep
+        assert "stored bytes crc32c mismatch" in rep.bad_chunks[0].error
+    r = run_cli("async_ckpt.verify", step_dir, "--quick", "--deep")
+    assert r.returncode == 64
