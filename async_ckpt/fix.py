@@ -44,6 +44,11 @@ from .verify import CORRUPT, EXIT_CODES, EXIT_USAGE, NOT_A_CHECKPOINT, OURS, Ste
 BACKUP_DIR = ".backup"
 LOCK_NAME = ".async_ckpt.lock"   # the manager's lock: never fix a root a live manager writes to
 _SCRATCH = re.compile(r"^\.fix-[0-9a-f]{8,32}$")
+_DATA_FILE = re.compile(r"^data-r[0-9]+-[0-9]+\.bin$")
+
+
+class RootBusy(Exception):
+    """A live CheckpointManager holds the root's lock."""
 
 
 @dataclass
@@ -122,9 +127,17 @@ class Fixer:
         if rep.verdict == NOT_A_CHECKPOINT:
             self.cannot.append(rep.reason)
             return
-        if rep.layout == "leftover" or (rep.layout == OURS and rep.verdict == "UNCOMMITTED"
-                                         and not (path / layout.MANIFEST_NAME).exists()
-                                         and not (path / layout.COMMIT_NAME).exists()):
+        if rep.layout == OURS and rep.verdict == "UNCOMMITTED" and not (path / layout.MANIFEST_NAME).exists() \
+                and not (path / layout.COMMIT_NAME).exists():
+            strangers = [e.name for e in os.scandir(path) if not _DATA_FILE.match(e.name)]
+            if strangers:   # not only our data files: somebody else's folder, leave it alone
+                self.cannot.append(f"{name}: holds files this tool does not recognise "
+                                   f"({', '.join(sorted(strangers)[:5])}); left alone")
+                return
+            self.actions.append(Action(f"remove {name}: leftover of a crashed save",
+                                       lambda: self._set_aside(path)))
+            return
+        if rep.layout == "leftover":
             self.actions.append(Action(f"remove {name}: leftover of a crashed save",
                                        lambda: self._set_aside(path)))
             return
@@ -278,7 +291,11 @@ class Fixer:
     # ------------------------------------------------------------------ driver
 
     def run(self, dry_run: bool = False) -> int:
-        lock = self._lock()
+        try:
+            lock = self._lock()
+        except RootBusy as e:
+            self._say(f"fix: {e}")
+            return EXIT_CODES[CORRUPT]
         try:
             return self._run(dry_run)
         finally:
@@ -296,8 +313,8 @@ class Fixer:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise SystemExit(f"fix: {self.root} is in use by a live CheckpointManager "
-                             f"(lock {LOCK_NAME}); stop the training run first")
+            raise RootBusy(f"{self.root} is in use by a live CheckpointManager (lock {LOCK_NAME}); "
+                           "stop the training run first") from None
         return fd
 
     def _run(self, dry_run: bool) -> int:

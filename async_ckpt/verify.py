@@ -528,6 +528,9 @@ def check_step(path: Path, *, quick: bool = False, threads: int | None = None,
     """Judge one step directory or legacy checkpoint (file or folder)."""
     path = Path(path)
     name = path.name
+    if path.is_symlink():
+        return StepReport(str(path), name, None, "unknown", NOT_A_CHECKPOINT,
+                          reason=f"{path} is a symlink; checkpoints are read only from real directories and files")
     if layout.parse_tmp_dir(name) is not None:
         rep = StepReport(str(path), name, layout.parse_tmp_dir(name), "leftover", UNCOMMITTED,
                          reason="leftover of a crashed save (hidden tmp directory); restore ignores it")

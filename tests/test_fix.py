@@ -235,3 +235,18 @@ def test_cli_end_to_end(tmp_path):
     r = run_cli("async_ckpt.fix", tmp_path, "--seed", "x")
     assert r.returncode == 64
     assert not sentinel.exists()
+
+
+def test_unknown_final_named_folder_left_alone(root):
+    stranger = root / "checkpoint-7"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    code, out = run_fix(root, "--no-backup")
+    assert "does not recognise" in out and (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_live_manager_blocks_fix(root):
+    (root / ".checkpoint-3.tmp-abc").mkdir()
+    with CheckpointManager(root) as mgr:
+        code, out = run_fix(root)
+    assert code == 2 and "in use" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import os
@@ -319,3 +320,30 @@ def test_deep_decodes_and_default_checks_stored_crc(tmp_path):
         assert "stored bytes crc32c mismatch" in rep.bad_chunks[0].error
     r = run_cli("async_ckpt.verify", step_dir, "--quick", "--deep")
     assert r.returncode == 64
+
+
+def test_progress_bar_only_on_tty():
+    from async_ckpt.progress import Progress, human_bytes
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    with Progress(2048, "verify", stream=out) as bar:
+        bar.update(1024)
+        bar.update(1024)
+    assert "100.0%" in out.getvalue() and "2.00 KiB" in out.getvalue()
+    plain = io.StringIO()
+    with Progress(10, "verify", stream=plain) as bar:
+        bar.update(10)
+    assert plain.getvalue() == ""
+    assert human_bytes(1536) == "1.50 KiB" and human_bytes(12) == "12 B"
+
+
+def test_root_json(complete):
+    (complete.parent / ".checkpoint-11.tmp-zz").mkdir()
+    r = run_cli("async_ckpt.verify", complete.parent, "--json")
+    doc = json.loads(r.stdout)
+    assert doc["kind"] == "root" and doc["restore_step"] == 10 and doc["exit_code"] == 0
+    assert [s["verdict"] for s in doc["steps"]] == ["UNCOMMITTED", "COMPLETE"]
