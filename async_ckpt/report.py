@@ -138,6 +138,9 @@ def _render_verbose(rep: Any, w: Any, sym: Symbols) -> None:
         if rep.metrics:
             w("  metrics: " + ", ".join(f"{k}={v:g}" for k, v in sorted(rep.metrics.items())))
     for d in rep.items:
+        if d.type == "file":   # legacy layouts: one line per file
+            w(f"    file {d.name}: {d.kind}, {human_bytes(d.raw_bytes)}")
+            continue
         ratio = f"{d.stored_bytes / d.raw_bytes:.2f}" if d.raw_bytes else "-"
         dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(d.dtypes.items())) or "no tensors"
         flag = ", reconstructed" if d.reconstructed else ""

@@ -507,6 +507,10 @@ def check_legacy(ckpt: legacy.LegacyCheckpoint, *, quick: bool = False) -> StepR
     rep.crc_checked = not quick
     bad_files = {p.file for p in problems}
     rep.components = _components(found, set(), bad_files)
+    if ckpt.path.is_dir():
+        rep.items = [ItemDetail(n, kind, "file", False, raw_bytes=(ckpt.path / n).stat().st_size,
+                                stored_bytes=(ckpt.path / n).stat().st_size)
+                     for kind, files in found.items() for n in files if (ckpt.path / n).is_file()]
     for c in rep.components:   # a component whose every file is unreadable is not there
         if c.present and all(n in bad_files for n in c.items):
             c.present = False
