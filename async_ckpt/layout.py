@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import FormatError
+from .errors import FormatError, StorageError
 
 FORMAT_NAME = "async_ckpt"
 FORMAT_VERSION = 1
@@ -467,23 +467,42 @@ def remove_tree(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
+def _storage_error(e: OSError, path: Path, what: str) -> StorageError:
+    """The OSError as a StorageError that names the file and the operation (ENOSPC, EIO...)."""
+    return StorageError(e.errno, f"{e.strerror} ({what})", str(path))
+
+
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _storage_error(e, path, "fsync of the directory") from e
 
 
 def write_durable(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write all of ``data``, fsync, close."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    """Create ``path`` (it must not exist), write all of ``data``, fsync, close.
+
+    OS errors are raised as :class:`StorageError` naming ``path``."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise _storage_error(e, path, "create") from e
     try:
         view = memoryview(data)
+        what = "write"
         while view:
             n = os.write(fd, view)
             view = view[n:]
+        what = "fsync"
         os.fsync(fd)
+    except OSError as e:
+        raise _storage_error(e, path, what) from e
     finally:
         os.close(fd)
 
