@@ -106,9 +106,9 @@ def safe_torch_load(path: Path, *, mmap: bool = False) -> Any:
         raise UnsafeFileError(f"{Path(path).name}: not loadable as weights only ({detail[:300]})") from None
 
 
-def check_torch_file(path: Path, quick: bool) -> None:
+def check_torch_file(path: Path, quick: bool) -> Any:
     """Integrity of a torch.save file: zip CRCs of every record (unless quick), then a
-    weights-only load with storages mapped, not read. Raises UnsafeFileError."""
+    weights-only load with storages mapped, not read. Returns the object; raises UnsafeFileError."""
     if zipfile.is_zipfile(path):
         if not quick:
             try:
@@ -118,9 +118,8 @@ def check_torch_file(path: Path, quick: bool) -> None:
                 raise UnsafeFileError(f"{path.name}: damaged zip archive ({e})") from None
             if bad is not None:
                 raise UnsafeFileError(f"{path.name}: CRC mismatch in record {bad}")
-        safe_torch_load(path, mmap=True)
-    else:
-        safe_torch_load(path)
+        return safe_torch_load(path, mmap=True)
+    return safe_torch_load(path)
 
 
 def check_safetensors(path: Path, quick: bool) -> int:
@@ -291,8 +290,7 @@ def check(ckpt: LegacyCheckpoint, quick: bool = False) -> list[FileProblem]:
     problems: list[FileProblem] = []
     if ckpt.layout == TORCH_FILE:
         try:
-            check_torch_file(ckpt.path, quick)
-            obj = safe_torch_load(ckpt.path, mmap=True)
+            obj = check_torch_file(ckpt.path, quick)
         except UnsafeFileError as e:
             problems.append(FileProblem(ckpt.path.name, "model", str(e)))
             return problems
