@@ -1,0 +1,212 @@
+"""Ceilings measured on the same machine, the same disk and the same bytes as every contender.
+
+- snapshot floor: copy each tensor of the state into a preallocated (pre-faulted) buffer,
+- raw write: sequential write of ``nbytes`` + fsync, buffered, O_DIRECT one thread
+  (benchmarks/bench_native.py's ``ceiling_write``) and O_DIRECT on several threads; best wins,
+- raw read: the file read back after the page cache is dropped, buffered and O_DIRECT; best wins.
+
+The single-file helpers (aligned buffers, cache dropping, one-thread write/read) are
+imported from ``benchmarks.bench_native``; only what it lacks lives here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from benchmarks.bench_native import ALIGN, aligned_bytes, ceiling_read, ceiling_write, drop_cache
+
+SLICE = 8 << 20
+
+
+def files_under(path: Path) -> list[str]:
+    path = Path(path)
+    if path.is_file():
+        return [str(path)]
+    return [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+
+
+_libc = None
+
+
+def syncfs(path: Path) -> None:
+    """syncfs(2) on the file system holding ``path``: every dirty page, inode and directory."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            import ctypes
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
+MANY_FILES = 16
+
+
+def fsync_tree(path: Path) -> None:
+    """Make every file and directory under ``path`` durable.
+
+    Up to MANY_FILES files: fsync each file and directory. More (tensorstore's one folder
+    per array, DCP with many tensors): one syncfs(2), which is far cheaper than thousands of
+    fsyncs, so a many-file peer is not charged for a loop a careful user would not write.
+    """
+    path = Path(path)
+    if path.is_dir() and sum(len(f) for _, _, f in os.walk(path)) > MANY_FILES:
+        syncfs(path)
+        return
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        path = path.parent
+    for d, _, names in os.walk(path):
+        for name in names:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+PROC_DROP = True     # also write /proc/sys/vm/drop_caches (--quick turns it off: slow, and CI needs none)
+
+
+def drop_caches(paths: Iterable[str]) -> None:
+    """Evict ``paths`` from the page cache: make them durable (fsync each, or one syncfs for
+    many files), POSIX_FADV_DONTNEED each, then /proc/sys/vm/drop_caches when PROC_DROP
+    (``bench_native.drop_cache`` for few files)."""
+    paths = list(paths)
+    if not paths:
+        return
+    if PROC_DROP and len(paths) <= MANY_FILES:
+        drop_cache(paths)
+        return
+    many = len(paths) > MANY_FILES
+    if many:
+        syncfs(Path(paths[0]).parent)
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            if not many:
+                os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if PROC_DROP:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+
+
+class MemcpyFloor:
+    """Copy every tensor into its slot of one preallocated, pre-faulted host buffer."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = [t.detach() for t in tensors]
+        offsets, cursor = [], 0
+        for t in self.tensors:
+            cursor = -(-cursor // 16) * 16
+            offsets.append(cursor)
+            cursor += t.numel() * t.element_size()
+        self.buffer = torch.ones(max(cursor, 1), dtype=torch.uint8)   # touch every page now
+        self.slots = [self.buffer[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                      for o, t in zip(offsets, self.tensors)]
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        for dst, src in zip(self.slots, self.tensors):
+            dst.copy_(src)
+        return time.perf_counter() - t0
+
+
+def ceiling_write_parallel(path: str, data: np.ndarray, threads: int) -> float:
+    """O_DIRECT sequential slices of ``data`` on ``threads`` threads (GIL released in pwrite), fsync."""
+    size = len(data) - len(data) % ALIGN
+    view = memoryview(data)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    cursor = [0]
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while True:
+                with lock:
+                    pos = cursor[0]
+                    cursor[0] += SLICE
+                if pos >= size:
+                    return
+                chunk = view[pos:min(pos + SLICE, size)]
+                done = 0
+                while done < len(chunk):
+                    done += os.pwrite(fd, chunk[done:], pos + done)
+        except BaseException as e:   # surfaced below
+            errors.append(e)
+
+    try:
+        pool = [threading.Thread(target=work) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if errors:
+            raise errors[0]
+        if size < len(data):
+            os.close(fd)
+            fd = os.open(path, os.O_WRONLY)
+            os.pwrite(fd, view[size:], size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+class DiskCeilings:
+    """Raw write and read of ``nbytes`` in ``folder``; each call returns {variant: seconds}."""
+
+    def __init__(self, nbytes: int, folder: Path, threads: int) -> None:
+        self.data = aligned_bytes(nbytes)
+        self.data[:] = np.random.default_rng(5).integers(0, 256, nbytes, dtype=np.uint8)
+        self.out = aligned_bytes(nbytes)
+        self.out[:] = 0
+        self.folder = Path(folder)
+        self.threads = threads
+
+    def write_read(self) -> dict[str, float]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        res: dict[str, float] = {}
+        paths = {}
+        for variant in ("buffered", "direct", "direct_mt"):
+            p = str(self.folder / f"raw-{variant}")
+            if os.path.exists(p):
+                os.remove(p)
+            os.sync()
+            if variant == "direct_mt":
+                res[f"write_{variant}"] = ceiling_write_parallel(p, self.data, self.threads)
+            else:
+                res[f"write_{variant}"] = ceiling_write(p, self.data, variant == "direct")
+            paths[variant] = p
+        for variant, direct in (("buffered", False), ("direct", True)):
+            drop_caches(paths.values())
+            res[f"read_{variant}"] = ceiling_read(paths["buffered"], self.out, direct)
+        for p in paths.values():
+            os.remove(p)
+        return res
