@@ -4,6 +4,10 @@ Each peer is ``fn(state, folder) -> {row_id: seconds}`` (plus
 ``"stored:<row_id>": bytes`` where the stored size differs from the raw one): it saves ``state`` into a fresh
 ``folder``, makes it durable (fsync of every file and directory, inside the timing), drops
 the page cache for the files, and times its own load. ``folder`` is removed by the caller.
+
+Every load ends with the bytes in the live state's tensors (copied in place, as ``restore``
+and DCP ``load`` do): a load that returns lazily mapped tensors (safetensors maps the file)
+would otherwise be timed before it has read anything.
 """
 
 from __future__ import annotations
@@ -18,9 +22,16 @@ import numpy as np
 import torch
 
 from ._ceilings import drop_caches, files_under, fsync_tree
-from ._states import BenchState
+from ._states import BenchState, flatten
 
 PeerFn = Callable[[BenchState, Path], dict[str, float]]
+
+
+@torch.no_grad()
+def copy_into(st: BenchState, loaded: dict[str, torch.Tensor]) -> None:
+    """Copy every loaded tensor into the state's tensor of the same name."""
+    for name, target in st.flat.items():
+        target.copy_(loaded[name])
 
 
 def torch_save(st: BenchState, folder: Path) -> dict[str, float]:
@@ -33,6 +44,7 @@ def torch_save(st: BenchState, folder: Path) -> dict[str, float]:
     drop_caches([str(path)])
     t0 = time.perf_counter()
     loaded = torch.load(path, weights_only=True)
+    copy_into(st, flatten(loaded))
     load = time.perf_counter() - t0
     del loaded
     return {"torch_save": save, "torch_load": load}
@@ -50,6 +62,7 @@ def safetensors_save(st: BenchState, folder: Path) -> dict[str, float]:
     drop_caches([str(path)])
     t0 = time.perf_counter()
     loaded = load_file(str(path))
+    copy_into(st, loaded)
     load = time.perf_counter() - t0
     del loaded
     return {"safetensors_save": save, "safetensors_load": load}
@@ -138,9 +151,9 @@ def _tensorstore(st: BenchState, folder: Path, zstd: bool) -> tuple[float, float
     opened = [ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / name)}})
               for name in arrays]
     reads = [f.result().read() for f in opened]
-    loaded = [r.result() for r in reads]
+    for name, r in zip(arrays, reads):
+        np.copyto(arrays[name], r.result())     # arrays[name] views the state's tensor
     load = time.perf_counter() - t0
-    del loaded
     return save, load, stored
 
 
