@@ -193,12 +193,27 @@ def _reject_constant(name: str) -> Any:
     raise FormatError(f"invalid JSON constant {name}")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise FormatError(f"duplicate JSON key {dup!r}")
+    return doc
+
+
 def load_json(data: bytes, what: str, cap: int) -> Any:
+    """Parse untrusted JSON: size-capped, no NaN/Infinity, no duplicate keys (which would let
+    two readers see different documents), every failure a FormatError."""
     if len(data) > cap:
         raise FormatError(f"{what}: {len(data)} bytes exceeds the cap of {cap}")
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant,
+                          object_pairs_hook=_unique_keys)
+    except FormatError as e:
+        raise FormatError(f"{what}: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError and ints over Python's 4300-digit limit.
         raise FormatError(f"{what}: not valid JSON ({e})") from None
 
 
@@ -368,12 +383,16 @@ def _read_capped(path: Path, cap: int, what: str) -> bytes:
         if size > cap:
             raise FormatError(f"{what}: {size} bytes exceeds the cap of {cap}")
         chunks = []
+        total = 0
         while True:
-            b = os.read(fd, cap + 1)
+            # Ask for what fstat promised (plus a little, in case the file grew), never for
+            # the whole cap: os.read allocates the full request up front.
+            b = os.read(fd, min(cap + 1 - total, max(size - total, 0) + 65536))
             if not b:
                 break
             chunks.append(b)
-            if sum(map(len, chunks)) > cap:
+            total += len(b)
+            if total > cap:
                 raise FormatError(f"{what}: exceeds the cap of {cap} bytes")
         return b"".join(chunks)
     finally:
@@ -433,6 +452,28 @@ def commit_status(step_dir: Path) -> CommitStatus:
     if manifest.step != step:
         return CommitStatus(False, f"manifest names step {manifest.step}, directory says {step}")
     return CommitStatus(True, "", manifest)
+
+
+def check_data_files(step_dir: Path, manifest: Manifest) -> None:
+    """Every data file is a regular file (not a symlink) of exactly its recorded size.
+
+    FORMAT.md section 7; readers call this before allocating anything a manifest declares,
+    so a manifest cannot make them allocate for files that are not there."""
+    import errno
+    import stat
+
+    for f in manifest.files:
+        path = Path(step_dir) / f.path
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise StorageError(e.errno, f"{e.strerror} (data file)", str(path)) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise StorageError(errno.ELOOP, "data files must not be symlinks", str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: data file is not a regular file")
+        if st.st_size != f.size:
+            raise FormatError(f"{path}: {st.st_size} bytes on disk, the manifest says {f.size}")
 
 
 def iter_step_dirs(root: Path) -> Iterator[tuple[int, Path]]:

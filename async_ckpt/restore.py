@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import RestoreError
-from .layout import Manifest
+from .layout import Manifest, check_data_files
 from .storage import Storage
 from .tree import decode_tree, is_stateful, parse_array_dtype, walk_arrays
 
@@ -22,16 +22,21 @@ from .tree import decode_tree, is_stateful, parse_array_dtype, walk_arrays
 def _allocate(dtype: str, shape: Sequence[int], nbytes: int) -> tuple[Any, np.ndarray]:
     """A fresh array of the declared dtype/shape and a flat uint8 view of its bytes."""
     kind, dt, _ = parse_array_dtype(dtype)
-    if kind == "torch":
-        raw = torch.empty(nbytes, dtype=torch.uint8)
-        return raw.view(dt).view(tuple(shape)), raw.numpy()
-    raw_np = np.empty(nbytes, dtype=np.uint8)
+    try:
+        if kind == "torch":
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+            return raw.view(dt).view(tuple(shape)), raw.numpy()
+        raw_np = np.empty(nbytes, dtype=np.uint8)
+    except (MemoryError, RuntimeError) as e:   # torch reports a failed allocation as RuntimeError
+        raise RestoreError(f"cannot allocate the {nbytes} bytes the manifest declares for an array "
+                           f"({str(e).splitlines()[0][:200]})") from None
     return raw_np.view(dt).reshape(tuple(shape)), raw_np
 
 
 def read_arrays(directory: Path, manifest: Manifest, storage: Storage, rank: int = 0,
                 indices: Optional[Iterable[int]] = None) -> dict[int, Any]:
     """Materialise the requested arrays of ``rank`` (all when ``indices`` is None) on CPU."""
+    check_data_files(directory, manifest)   # before allocating what the manifest declares
     section = manifest.ranks[rank]
     wanted = sorted(set(range(len(section.arrays)) if indices is None else indices))
     out: dict[int, Any] = {}
@@ -51,7 +56,11 @@ def read_arrays(directory: Path, manifest: Manifest, storage: Storage, rank: int
             cursor += length
     scratch = {}
     for chunk in scatter:
-        scratch[chunk] = np.empty(manifest.chunks[chunk].raw_length, dtype=np.uint8)
+        try:
+            scratch[chunk] = np.empty(manifest.chunks[chunk].raw_length, dtype=np.uint8)
+        except MemoryError:
+            raise RestoreError(f"cannot allocate the {manifest.chunks[chunk].raw_length} bytes the "
+                               f"manifest declares for chunk {chunk}") from None
         requests.append((chunk, memoryview(scratch[chunk])))
     if requests:
         storage.read(directory, manifest, requests)
