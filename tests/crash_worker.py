@@ -391,6 +391,20 @@ class ForkServer:
             self.proc.kill()
 
 
+_SHARED: Optional[ForkServer] = None
+
+
+def shared_server() -> ForkServer:
+    """One fork server per test process, shared by every test module (torch imports once)."""
+    global _SHARED
+    if _SHARED is None or _SHARED.proc.poll() is not None:
+        import atexit
+
+        _SHARED = ForkServer()
+        atexit.register(_SHARED.close)
+    return _SHARED
+
+
 def stderr_of(log: str) -> str:
     try:
         return Path(log + ".stderr").read_text()[-3000:]

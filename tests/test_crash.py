@@ -37,9 +37,7 @@ DEFAULT_RANDOM_KILLS = 10
 
 @pytest.fixture(scope="module")
 def server():
-    s = cw.ForkServer()
-    yield s
-    s.close()
+    return cw.shared_server()
 
 
 def _repro(root, seed, steps, log, options, fault, size):
