@@ -48,15 +48,22 @@ Fd open_create_excl(const std::string& path) {
   return Fd(fd, path);
 }
 
-Fd open_direct_write(const std::string& path) {
+Fd open_direct_like(const Fd& same, bool write) {
+  const int access = write ? O_WRONLY : O_RDONLY;
   int fd;
-  do fd = ::open(path.c_str(), O_WRONLY | O_NOFOLLOW | O_CLOEXEC | O_DIRECT);
+  do fd = ::open(same.path().c_str(), access | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_DIRECT);
   while (fd < 0 && errno == EINTR);
   if (fd < 0) {
-    if (errno == EINVAL) return Fd();
-    throw_errno(errno, path, "open with O_DIRECT");
+    if (errno == EINVAL) return Fd();  // the file system does not do O_DIRECT
+    throw_errno(errno, same.path(), "open with O_DIRECT");
   }
-  return Fd(fd, path);
+  Fd f(fd, same.path());
+  struct stat a, b;
+  if (::fstat(same.get(), &a) != 0) throw_errno(errno, same.path(), "fstat");
+  if (::fstat(fd, &b) != 0) throw_errno(errno, same.path(), "fstat");
+  if (a.st_dev != b.st_dev || a.st_ino != b.st_ino)
+    throw_errno(ESTALE, same.path(), "file replaced while being opened");
+  return f;
 }
 
 Fd open_read(const std::string& path, uint64_t* size) {

@@ -31,11 +31,12 @@ class Fd {
   std::string path_;
 };
 
-// O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode 0644. direct adds O_DIRECT and opens an
-// existing file instead (no O_CREAT/O_EXCL); returns an invalid Fd when the file system
-// refuses O_DIRECT (EINVAL), so callers fall back to buffered IO.
+// O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode 0644.
 Fd open_create_excl(const std::string& path);
-Fd open_direct_write(const std::string& path);
+// Opens same.path() again with O_DIRECT (write: O_WRONLY, else O_RDONLY) and checks it is the
+// same inode as `same`. Returns an invalid Fd when the file system refuses O_DIRECT (EINVAL),
+// so callers fall back to buffered IO.
+Fd open_direct_like(const Fd& same, bool write);
 // O_RDONLY|O_NOFOLLOW|O_CLOEXEC|O_NONBLOCK (a FIFO never blocks the open); rejects anything
 // that is not a regular file. Returns the size through *size.
 Fd open_read(const std::string& path, uint64_t* size);

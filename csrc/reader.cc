@@ -1,6 +1,10 @@
 #include "reader.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <exception>
 #include <new>
 
@@ -13,16 +17,27 @@
 namespace ackpt {
 namespace {
 
-constexpr size_t kSlice = size_t(4) << 20;  // raw chunks: pread and crc slice by slice
+constexpr size_t kSlice = size_t(4) << 20;  // buffered raw reads: pread and crc slice by slice
+
+// Large raw chunks at 4096-aligned offsets (the writer's O_DIRECT chunks, which are not in
+// the page cache anyway) are read with O_DIRECT in kDirectSlice pieces, through an aligned
+// bounce buffer unless the destination is aligned. Measured on the dev VM (ext4/virtio,
+// 1 GiB cold, 4 threads, 64 MiB chunks, interleaved with a one-thread O_DIRECT sequential
+// read of 64 MiB requests): buffered preads reached 0.86-0.88 of that, O_DIRECT 1.0.
+constexpr size_t kAlign = 4096;
+constexpr size_t kDirectMin = size_t(1) << 20;
+constexpr size_t kDirectSlice = size_t(16) << 20;  // 8 MiB: 0.88-0.91 of the ceiling, 16-32: 1.0
 
 struct OpenFile {
   Fd fd;
+  Fd direct;  // O_DIRECT descriptor of the same inode; invalid when unavailable
+  mutable std::atomic<bool> direct_ok{false};
   uint64_t size = 0;
   std::string error;  // collect_errors: why the open failed
 };
 
 struct Scratch {
-  Buf stored, decoded, unshuffled;
+  Buf stored, decoded, unshuffled, bounce;
 };
 
 std::string hex(uint32_t v) {
@@ -84,8 +99,29 @@ void read_job(const std::vector<std::string>& paths, const std::vector<OpenFile>
   if (r.codec == kCodecRaw) {
     // Straight into dst (or slice-sized scratch when verifying), crc while the slice is hot.
     uint32_t c = 0;
+    size_t pos = 0;
+    if (r.length >= kDirectMin && r.offset % kAlign == 0 && f.direct_ok.load()) {
+      char* bounce = s.bounce.ensure(kDirectSlice);
+      for (; pos < r.length; pos += kDirectSlice) {
+        const size_t n = std::min<size_t>(kDirectSlice, r.length - pos);
+        char* want = j.dst ? static_cast<char*>(j.dst) + pos : bounce;
+        const bool in_place = reinterpret_cast<uintptr_t>(want) % kAlign == 0 && n % kAlign == 0;
+        char* buf = in_place ? want : bounce;
+        size_t got;
+        try {
+          got = pread_full(f.direct, buf, (n + kAlign - 1) / kAlign * kAlign, r.offset + pos);
+        } catch (const IoError& e) {
+          if (e.err() != EINVAL) throw;
+          f.direct_ok.store(false);  // alignment refused: buffered from here on
+          break;
+        }
+        if (got < n) throw truncated(pos + got);
+        c = crc32c(c, buf, n);
+        if (buf != want) std::memcpy(want, buf, n);
+      }
+    }
     char* scratch = j.dst ? nullptr : s.stored.ensure(std::min<size_t>(kSlice, r.length));
-    for (size_t pos = 0; pos < r.length; pos += kSlice) {
+    for (; pos < r.length; pos += kSlice) {
       const size_t n = std::min<size_t>(kSlice, r.length - pos);
       char* out = j.dst ? static_cast<char*>(j.dst) + pos : scratch;
       const size_t got = pread_full(f.fd, out, n, r.offset + pos);
@@ -156,6 +192,8 @@ std::vector<std::optional<std::string>> Reader::read(const std::vector<std::stri
   for (size_t k = 0; k < paths.size(); ++k) {
     try {
       files[k].fd = open_read(paths[k], &files[k].size);
+      files[k].direct = open_direct_like(files[k].fd, false);
+      files[k].direct_ok.store(files[k].direct.valid());
     } catch (...) {
       if (!collect_errors) throw;
       files[k].error = describe_current_exception();
