@@ -16,6 +16,8 @@ class _Buffer(Protocol):  # anything exposing the buffer protocol: bytes, bytear
 CODEC_RAW: int   # 0
 CODEC_ZSTD: int  # 1
 CODEC_AUTO: int  # 2 -- writer only: zstd when a probe of the chunk compresses to < 90 %, else raw
+                 #      (4 x 64 KiB samples spread over the chunk; raw when zstd is not loaded)
+MAX_RAW_LENGTH: int  # 2**31: the largest chunk (raw bytes) the writer accepts and the reader decodes
 
 def crc32c(data: _Buffer, value: int = 0) -> int:
     """CRC-32C of data, continuing from ``value`` (a previous result)."""
@@ -43,6 +45,13 @@ def zstd_decompress(src: _Buffer, dst: _Buffer) -> int:
     """Decompress one frame into dst; the frame's declared content size must equal len(dst)."""
 
 class WriteJob:
+    """One chunk to write. ``src`` must stay unchanged until ``Writer.write`` returns; ``shuffle``
+    is 0/1 (none), 2, 4 or 8 and applies only when the chunk ends up compressed."""
+    src: _Buffer
+    file: int
+    codec: int
+    level: int
+    shuffle: int
     def __init__(self, src: _Buffer, file: int, codec: int = 0, level: int = 1, shuffle: int = 0) -> None: ...
 
 class ChunkRecord:
@@ -56,6 +65,11 @@ class ChunkRecord:
     raw_crc32c: int  # of the raw bytes
 
 class Writer:
+    """A pool of ``threads`` workers (the calling thread is one of them). One ``write`` runs at a
+    time per Writer; concurrent calls from several Python threads are serialised.
+    Raw chunks of >= 1 MiB go through O_DIRECT where the file system allows it: they start at
+    4096-aligned offsets, so files may hold padding between chunks (FORMAT.md section 3)."""
+    threads: int
     def __init__(self, threads: int = 4) -> None: ...
     def write(self, paths: Sequence[str], jobs: Sequence[WriteJob], fsync: bool = True) -> list[ChunkRecord]:
         """Create each path (O_EXCL: it must not exist), encode the jobs on the pool
@@ -67,15 +81,31 @@ class Writer:
 class ReadJob:
     def __init__(self, file: int, offset: int, length: int, raw_length: int, codec: int, shuffle: int,
                  crc32c: int, raw_crc32c: int, dst: _Buffer | None = None, chunk: int = -1) -> None:
-        """dst None means verify only (read, check both crcs, decode, discard). ``chunk`` is
-        echoed in error messages."""
+        """dst None means verify only (read, check both crcs, decode, discard). dst must be a
+        writable C-contiguous buffer of at least raw_length bytes; only its first raw_length
+        bytes are written. ``chunk`` is echoed in error messages and as ChecksumError.chunk
+        (-1: messages name the job index, ChecksumError.chunk is None). Negative, non-int or
+        oversized fields raise FormatError here."""
+    file: int
+    offset: int
+    length: int
+    raw_length: int
+    codec: int
+    shuffle: int
+    crc32c: int
+    raw_crc32c: int
+    dst: _Buffer | None
+    chunk: int
 
 class Reader:
+    threads: int
     def __init__(self, threads: int = 4) -> None: ...
     def read(self, paths: Sequence[str], jobs: Sequence[ReadJob], collect_errors: bool = False) -> list[str | None]:
         """Open every path (O_NOFOLLOW), check each job's range against the real file size,
         pread, check crc32c, decode into dst (bounds checked), check raw_crc32c.
-        collect_errors=False raises the first error; True returns one message per job (None = ok)."""
+        collect_errors=False raises the first error; True returns one message per job (None = ok),
+        each starting with the error kind: "FormatError: ", "ChecksumError: ", "CodecError: ",
+        "StorageError: " (a file that cannot be opened fails every job that references it)."""
 
 def fsync_dir(path: str) -> None: ...
 def fsync_file(path: str) -> None: ...

@@ -1,13 +1,24 @@
 #include "thread_pool.h"
 
+#include <unistd.h>
+
 namespace ackpt {
 
-ThreadPool::ThreadPool(unsigned threads) : size_(threads ? threads : 1) {
+ThreadPool::ThreadPool(unsigned threads) : size_(threads ? threads : 1), pid_(::getpid()) {
   threads_.reserve(size_ - 1);
   for (unsigned w = 1; w < size_; ++w) threads_.emplace_back([this, w] { worker_main(w); });
 }
 
+bool ThreadPool::forked() const { return ::getpid() != pid_; }
+
 ThreadPool::~ThreadPool() {
+  if (forked()) {
+    // The std::thread objects describe threads of the parent: joining or destroying them here
+    // would terminate the process, so they are leaked.
+    new std::vector<std::thread>(std::move(threads_));
+    sync_.release();
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
@@ -55,7 +66,7 @@ void ThreadPool::run(size_t n, const Fn& fn) {
   next_.store(0);
   failed_.store(false);
   error_ = nullptr;
-  const bool parallel = n > 1 && !threads_.empty();
+  const bool parallel = n > 1 && !threads_.empty() && !forked();
   if (parallel) {
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -23,6 +24,9 @@ class ThreadPool {
 
   unsigned size() const { return size_; }
 
+  // After fork() the child has none of the pool's threads: there run() does every task on the
+  // calling thread (worker 0) and the destructor leaves the dead threads alone.
+  //
   // Calls fn(task, worker) for every task in [0, n), worker in [0, size()), each worker
   // running its tasks one after another. The first exception stops the hand-out of further
   // tasks; run() waits for the tasks in progress, then rethrows it. Concurrent run() calls
@@ -34,12 +38,23 @@ class ThreadPool {
   void worker_main(unsigned worker);
   void work(unsigned worker);
 
+  bool forked() const;
+
   const unsigned size_;
+  const long pid_;  // process that started the threads
   std::vector<std::thread> threads_;
   std::mutex run_mu_;  // one batch at a time
 
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
+  // Synchronisation shared with the pool threads, on the heap so that a forked child can leak
+  // it: destroying a condition variable the parent's threads waited on blocks forever.
+  struct Sync {
+    std::mutex mu;
+    std::condition_variable wake, done;
+  };
+  std::unique_ptr<Sync> sync_ = std::make_unique<Sync>();
+  std::mutex& mu_ = sync_->mu;
+  std::condition_variable& wake_ = sync_->wake;
+  std::condition_variable& done_ = sync_->done;
   uint64_t generation_ = 0;
   unsigned busy_ = 0;  // pool threads still in the current batch
   bool stop_ = false;

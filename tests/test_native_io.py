@@ -346,3 +346,33 @@ def test_one_writer_shared_by_threads(tmp_path):
             out = np.empty_like(data)
             n.Reader(1).read([str(tmp_path / f"t{k}.bin")], [job(r, out)])
             assert np.array_equal(out, data)
+
+
+def test_pools_work_in_a_forked_child(tmp_path):
+    code = f"""
+        import os
+        import numpy as np
+        from async_ckpt import native as n
+        w, r = n.Writer(4), n.Reader(4)
+        data = np.arange(1_000_000, dtype=np.float32)
+        w.write([{str(tmp_path / 'parent.bin')!r}], [n.WriteJob(data, 0)] * 4)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                recs = w.write([{str(tmp_path / 'child.bin')!r}], [n.WriteJob(data, 0, n.CODEC_ZSTD, 1, 4)] * 4)
+                out = [np.empty_like(data) for _ in recs]
+                r.read([{str(tmp_path / 'child.bin')!r}], [n.ReadJob(x.file, x.offset, x.length,
+                       x.raw_length, x.codec, x.shuffle, x.crc32c, x.raw_crc32c, o, i)
+                       for i, (x, o) in enumerate(zip(recs, out))])
+                ok = all(np.array_equal(o, data) for o in out)
+                del w, r
+                os._exit(0 if ok else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        print("OK")
+    """
+    proc = run_py(code, {})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OK"
