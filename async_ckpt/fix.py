@@ -28,7 +28,6 @@ uncommitted / not a checkpoint), 64 for usage errors.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import re
 import secrets
@@ -42,7 +41,6 @@ from . import layout, legacy, verify
 from .verify import CORRUPT, EXIT_CODES, EXIT_USAGE, NOT_A_CHECKPOINT, OURS, StepReport
 
 BACKUP_DIR = ".backup"
-LOCK_NAME = ".async_ckpt.lock"   # the manager's lock: never fix a root a live manager writes to
 _SCRATCH = re.compile(r"^\.fix-[0-9a-f]{8,32}$")
 _DATA_FILE = re.compile(r"^data-r[0-9]+-[0-9]+\.bin$")
 
@@ -306,16 +304,11 @@ class Fixer:
         if not self.root.is_dir():
             return None
         try:
-            fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return layout.lock_root(self.root)
+        except layout.RootBusyError as e:
+            raise RootBusy(f"{e}; stop the training run first") from None
         except OSError:
             return None   # read-only root: the plan still prints; acting will fail plainly
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RootBusy(f"{self.root} is in use by a live CheckpointManager (lock {LOCK_NAME}); "
-                           "stop the training run first") from None
-        return fd
 
     def _run(self, dry_run: bool) -> int:
         from . import report as report_mod

@@ -11,6 +11,7 @@ Threads: the manager's background commit thread calls :func:`write_manifest` and
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -21,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import FormatError, StorageError
+from .errors import CheckpointError, FormatError, StorageError
 
 FORMAT_NAME = "async_ckpt"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COMMIT_NAME = "COMMIT"
+LOCK_NAME = ".async_ckpt.lock"
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_COMMIT_BYTES = 4096
 MAX_CHUNK_RAW = 1 << 31
@@ -576,3 +578,23 @@ def commit(tmp_dir: Path, root: Path, step: int, manifest_bytes: bytes, fault=No
     hit("after_rename")
     fsync_dir(Path(root))
     return final
+
+
+class RootBusyError(CheckpointError):
+    """Another live process holds the checkpoint root's lock."""
+
+
+def lock_root(root: Path) -> int:
+    """Take the root's advisory lock and return its file descriptor (close it to release).
+
+    ``flock`` is released by the kernel when the holder dies, so a killed run never
+    blocks the next one. Raises RootBusyError when a live manager (or fix) holds it.
+    """
+    fd = os.open(Path(root) / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RootBusyError(f"{root} is in use by another live CheckpointManager or fix "
+                            f"(lock {LOCK_NAME})") from None
+    return fd

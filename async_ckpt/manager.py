@@ -18,7 +18,6 @@ handle's ``result()``, whichever comes first).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import fcntl
 import os
 import threading
 import time
@@ -38,7 +37,6 @@ from .snapshot import StagingPool, take_snapshot
 from .storage import NativeStorage, Storage
 
 RNG_ITEM = "rng"
-LOCK_NAME = ".async_ckpt.lock"
 
 
 @dataclass(frozen=True)
@@ -395,14 +393,10 @@ class CheckpointManager:
             pass
 
     def _take_lock(self) -> int:
-        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CheckpointError(f"{self.directory} is in use by another live CheckpointManager "
-                                  f"(lock {LOCK_NAME}); close it first") from None
-        return fd
+            return layout.lock_root(self.directory)
+        except layout.RootBusyError as e:
+            raise CheckpointError(f"{e}; close it first") from None
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:

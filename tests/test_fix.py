@@ -29,7 +29,7 @@ def run_fix(path, *args) -> tuple[int, str]:
 
 def snapshot_tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>")
-            for p in sorted(root.rglob("*")) if p.name != fix.LOCK_NAME}
+            for p in sorted(root.rglob("*")) if p.name != layout.LOCK_NAME}
 
 
 def assert_same(a, b):
