@@ -44,6 +44,9 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])
 COUNTS: dict[str, int] = {}
 REPO = Path(__file__).resolve().parent.parent
+# Where the imported package lives: the repo, or tools/asan_build.sh's ASan mirror. Subprocesses
+# use the same one.
+PKG_ROOT = Path(__import__("async_ckpt").__file__).parent.parent
 
 
 def _count(name: str) -> None:
@@ -550,7 +553,7 @@ def test_lying_sizes_do_not_allocate(base, tmp_path):
     doc, files = base
     (tmp_path / "base.json").write_text(json.dumps(doc))
     (tmp_path / "base.bin").write_bytes(next(iter(files.values())))
-    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(repo=str(REPO), root=str(tmp_path))],
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(repo=str(PKG_ROOT), root=str(tmp_path))],
                           capture_output=True, text=True, timeout=300)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -636,7 +639,7 @@ def test_atheris(base, tmp_path):
     (tmp_path / "base.json").write_text(json.dumps(doc))
     (tmp_path / "base.bin").write_bytes(next(iter(files.values())))
     script = tmp_path / "harness.py"
-    script.write_text(ATHERIS_HARNESS.format(repo=str(REPO), base=str(tmp_path / "base.json"),
+    script.write_text(ATHERIS_HARNESS.format(repo=str(PKG_ROOT), base=str(tmp_path / "base.json"),
                                              data=str(tmp_path / "base.bin"), seconds=ATHERIS_SECONDS))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
