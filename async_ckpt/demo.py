@@ -162,6 +162,10 @@ def train(args: argparse.Namespace, out=sys.stdout) -> list[tuple[int, float]]:
                 handles.append(mgr.save_async(step, state, metrics={"loss": value}, force=True))
             handles = _report(handles, out)
             if args.crash_at is not None and step == args.crash_at:
+                # Deterministic for scripted demos and tests: the saves already queued
+                # commit first, then the process dies as abruptly as kill -9.
+                mgr.wait_until_finished()
+                _report(handles, out)
                 print(f"simulating a crash at step {step} (SIGKILL)", file=out, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
         mgr.wait_until_finished()
@@ -202,7 +206,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
     p.add_argument("--compression", choices=["none", "zstd", "auto"], default="auto")
     p.add_argument("--loss-log", help="append exact losses (float.hex) as JSON lines to this file")
-    p.add_argument("--crash-at", type=int, help="SIGKILL this process right after the given step")
+    p.add_argument("--crash-at", type=int,
+                   help="after the given step, let queued saves commit, then SIGKILL this process")
     return p.parse_args(argv)
 
 
