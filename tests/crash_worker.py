@@ -276,7 +276,7 @@ def check_after_kill(root: str, seed: int, log: str, keep: Optional[int], size: 
         listed = mgr.all_steps()
         assert not layout.find_leftovers(Path(root)), f"{context}: leftovers survive a fresh manager"
         names = sorted(os.listdir(root))
-        expect_names = sorted([LOCK_NAME] + [layout.step_dir_name(s) for s in listed])
+        expect_names = sorted([layout.LOCK_NAME] + [layout.step_dir_name(s) for s in listed])
         assert names == expect_names, f"{context}: unexpected entries {names} (listed {listed})"
         assert set(listed) <= set(events["queued"]), f"{context}: lists {listed}, never queued"
         known = sorted(set(listed) | set(events["committed"]))
