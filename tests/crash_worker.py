@@ -42,7 +42,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from async_ckpt import faults, layout  # noqa: E402
-from async_ckpt.layout import LOCK_NAME  # noqa: E402
 from async_ckpt.manager import CheckpointManager  # noqa: E402
 from async_ckpt.options import CheckpointManagerOptions  # noqa: E402
 from async_ckpt.storage import NativeStorage  # noqa: E402
