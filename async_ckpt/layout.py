@@ -32,6 +32,8 @@ LOCK_NAME = ".async_ckpt.lock"
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_COMMIT_BYTES = 4096
 MAX_CHUNK_RAW = 1 << 31
+# The densest zstd block is RLE: 4 bytes for 128 KiB, so a frame never expands further.
+MAX_ZSTD_RATIO = 32768
 MAX_ARRAY_BYTES = 1 << 48
 MAX_NDIM = 64
 CODECS = ("raw", "zstd")
@@ -279,6 +281,9 @@ def parse_manifest(doc: Any) -> Manifest:
             raise FormatError(f"{where}.shuffle: {shuffle} not one of {SHUFFLES}")
         if codec == "raw" and (length != raw or shuffle != 0):
             raise FormatError(f"{where}: raw chunk must have length == raw_length and shuffle 0")
+        if codec == "zstd" and raw > length * MAX_ZSTD_RATIO:
+            raise FormatError(f"{where}: {length} stored bytes cannot decode to {raw} "
+                              f"(zstd expands at most {MAX_ZSTD_RATIO}x)")
         if offset + length > files[fi].size:
             raise FormatError(f"{where}: bytes [{offset}, {offset + length}) run past the end of "
                               f"{files[fi].path} ({files[fi].size} bytes)")

@@ -74,6 +74,7 @@ BAD = [
     (("chunks", 1, "offset"), 30),              # overlaps chunk 0
     (("chunks", 0, "crc32c"), 1 << 32),
     (("chunks", 1, "raw_length"), (1 << 31) + 1),
+    (("chunks", 1, "raw_length"), 10 * 32768 + 1),    # more than zstd can expand 10 bytes to
     (("ranks", 0, "items", "model", "kind"), "weights"),
     (("ranks", 0, "arrays", 0, "dtype"), "object"),
     (("ranks", 0, "arrays", 0, "dtype"), "torch.evil"),
