@@ -64,6 +64,16 @@ class ChunkRecord:
     crc32c: int      # of stored bytes
     raw_crc32c: int  # of the raw bytes
 
+class Gate:
+    """Readiness of staged chunks: the snapshot copy calls ``advance(n)`` once chunks [0, n)
+    are in the staging buffer; a writer job for chunk i waits until then. ``cancel`` fails
+    every waiting job (the copy failed)."""
+    def __init__(self) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def cancel(self) -> None: ...
+    @property
+    def ready(self) -> int: ...
+
 class Writer:
     """A pool of ``threads`` workers (the calling thread is one of them). One ``write`` runs at a
     time per Writer; concurrent calls from several Python threads are serialised.
@@ -71,12 +81,14 @@ class Writer:
     4096-aligned offsets, so files may hold padding between chunks (FORMAT.md section 3)."""
     threads: int
     def __init__(self, threads: int = 4) -> None: ...
-    def write(self, paths: Sequence[str], jobs: Sequence[WriteJob], fsync: bool = True) -> list[ChunkRecord]:
+    def write(self, paths: Sequence[str], jobs: Sequence[WriteJob], fsync: bool = True,
+              gate: Gate | None = None) -> list[ChunkRecord]:
         """Create each path (O_EXCL: it must not exist), encode the jobs on the pool
         (raw crc, optional shuffle, compress, stored crc), append each chunk to its file
         at an offset reserved after encoding, fsync every file when asked, and return one
         record per job, in job order. On the first error the remaining jobs are abandoned,
-        files are closed and the error is raised (the caller removes the directory)."""
+        files are closed and the error is raised (the caller removes the directory).
+        With a gate, job i starts only once the gate has advanced past i."""
 
 class ReadJob:
     def __init__(self, file: int, offset: int, length: int, raw_length: int, codec: int, shuffle: int,

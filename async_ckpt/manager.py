@@ -33,7 +33,7 @@ from .plan import plan_save
 from .restore import decode_items, item_arrays, read_arrays, restore_into
 from .rotation import steps_to_delete
 from .saving import CommitInfo, write_snapshot_and_commit
-from .snapshot import StagingPool, take_snapshot
+from .snapshot import Snapshot, StagingPool, copy_into
 from .storage import NativeStorage, Storage
 
 RNG_ITEM = "rng"
@@ -109,6 +109,7 @@ class CheckpointManager:
         self._state_lock = threading.RLock()
         self._pending: list[cf.Future] = []
         self._failed: list[cf.Future] = []        # failed futures whose error is not yet raised
+        self._abandoned: set[cf.Future] = set()   # saves whose copy failed; error already raised
         self._last_step: Optional[int] = None     # highest step queued or committed
         self._committed: dict[int, dict[str, float]] = {}   # step → metrics
         self._closed = False
@@ -199,22 +200,33 @@ class CheckpointManager:
         self._slots.acquire()
         try:
             buffer = self._pool.acquire(plan.staging_bytes)
-            try:
-                snapshot = take_snapshot(plan, buffer, wait=not lazy, deferred=deferred, copier=self._copier)
-            except BaseException:
-                self._pool.release(buffer)
-                raise
         except BaseException:
             self._slots.release()
             raise
-        stall = time.perf_counter() - started
+        # The write is queued before the copy starts: with a gating backend the writer
+        # streams each chunk to disk as soon as the copy has staged it.
+        snapshot = Snapshot(plan, buffer, self._storage.staging_gate())
         with self._state_lock:
-            if lazy:
-                self._unfenced.append(snapshot)
+            previous_step = self._last_step
             self._last_step = step
             future = self._executor.submit(self._write_in_background, step, snapshot, metrics, created)
             self._pending.append(future)
         future.add_done_callback(self._on_done)
+        try:
+            copy_into(snapshot, wait=not lazy, deferred=deferred, copier=self._copier)
+        except BaseException:
+            # The cancelled gate fails the queued write, which removes its tmp dir; the
+            # caller gets the copy's own error, and the step may be retried.
+            with self._state_lock:
+                self._abandoned.add(future)
+                self._last_step = previous_step
+            cf.wait([future])
+            self._consume_error(future)
+            raise
+        stall = time.perf_counter() - started
+        if lazy:
+            with self._state_lock:
+                self._unfenced.append(snapshot)
         return SaveHandle(self, step, future, stall, started)
 
     def save(self, step: int, state: Mapping[str, Any], metrics: Optional[Mapping[str, float]] = None,
@@ -313,11 +325,13 @@ class CheckpointManager:
         with self._state_lock:
             if future in self._pending:
                 self._pending.remove(future)
-            if not future.cancelled() and future.exception() is not None:
+            if (not future.cancelled() and future.exception() is not None
+                    and future not in self._abandoned and future not in self._failed):
                 self._failed.append(future)
 
     def _consume_error(self, future: cf.Future) -> None:
         with self._state_lock:
+            self._abandoned.add(future)
             if future in self._failed:
                 self._failed.remove(future)
 

@@ -19,6 +19,7 @@ from .tree import ArrayRef, encode_tree, is_stateful
 # Every array starts at a multiple of this in the staging buffer, so a byte view of it can
 # be reinterpreted as any dtype (complex128 has the largest item size, 16).
 ALIGN = 16
+CHUNK_ALIGN = 4096
 
 _NAME_KINDS = {
     "model": "model", "module": "model", "net": "model",
@@ -69,6 +70,7 @@ class SavePlan:
     chunks: tuple[ChunkPlan, ...]
     parts: tuple[tuple[tuple[int, int, int], ...], ...]   # per array: (chunk, offset, length)
     staging_bytes: int
+    chunk_ends: tuple[int, ...] = ()                 # staging end offset of each chunk, ascending
 
     @property
     def raw_bytes(self) -> int:
@@ -118,6 +120,13 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
         slab_start = end
         slab_sizes = set()
 
+    def start_chunk() -> None:
+        # Chunks start on a page so the writer's O_DIRECT path can DMA straight from staging.
+        nonlocal cursor, slab_start
+        close_slab(cursor)
+        cursor = -(-cursor // CHUNK_ALIGN) * CHUNK_ALIGN
+        slab_start = cursor
+
     for ref in arrays:
         cursor = -(-cursor // ALIGN) * ALIGN
         itemsize = _itemsize(ref)
@@ -127,7 +136,7 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
             continue
         if ref.nbytes > chunk_bytes:
             # A large array gets chunks of its own so restore can decode straight into it.
-            close_slab(cursor)
+            start_chunk()
             offsets.append(cursor)
             own = []
             for piece in range(0, ref.nbytes, chunk_bytes):
@@ -139,10 +148,11 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
             slab_start = cursor
             continue
         if cursor + ref.nbytes - slab_start > chunk_bytes:
-            close_slab(cursor)
+            start_chunk()
         offsets.append(cursor)
         parts.append(((len(chunks), cursor - slab_start, ref.nbytes),))
         slab_sizes.add(itemsize)
         cursor += ref.nbytes
     close_slab(cursor)
-    return SavePlan(tree, items, tuple(arrays), tuple(offsets), tuple(chunks), tuple(parts), cursor)
+    return SavePlan(tree, items, tuple(arrays), tuple(offsets), tuple(chunks), tuple(parts), cursor,
+                    tuple(c.start + c.length for c in chunks))

@@ -9,9 +9,9 @@ touched by the background writer thread (``release``), hence the lock.
 
 from __future__ import annotations
 
+import bisect
 import threading
-from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
 from typing import Optional
 
 import numpy as np
@@ -71,43 +71,59 @@ class StagingPool:
             self._free.clear()
 
 
-@dataclass
 class Snapshot:
-    """A plan plus the staging buffer that holds its bytes.
+    """A plan, the staging buffer that receives its bytes, and the state of the copy.
 
-    Copies may still be running: ``cpu_copies`` (a future of the background copier, lazy
-    mode) and ``cuda_event`` (recorded after the side-stream copies). ``wait`` blocks the
-    host until both are done (the background writer calls it); ``fence`` is what the
+    Copies may still be running when ``save_async`` returns: in lazy mode the background
+    copier finishes the CPU copies, and CUDA copies run on a side stream until
+    ``cuda_event``. ``gate`` (a native Gate) tells the writer which chunks are staged, so
+    writing starts while copying goes on. ``wait`` blocks until every byte is staged
+    (the background writer and ``wait_for_snapshot`` call it); ``fence`` is what the
     training thread calls before mutating fenced tensors (optimizer step pre-hook): it
     blocks on CPU copies but only orders the current CUDA stream after the copy event.
     """
 
-    plan: SavePlan
-    buffer: torch.Tensor
-    cuda_event: Optional["torch.cuda.Event"] = None
-    cpu_copies: Optional[Future] = None
-    _done: bool = field(default=False)
+    def __init__(self, plan: SavePlan, buffer: torch.Tensor, gate=None) -> None:
+        self.plan = plan
+        self.buffer = buffer
+        self.gate = gate
+        self.cuda_event: Optional["torch.cuda.Event"] = None
+        self._cpu_done = threading.Event()
+        self._all_done = threading.Event()
+        self._error: Optional[BaseException] = None
 
     def wait(self) -> None:
-        """Block until every copy into the buffer is complete (idempotent); re-raise copy errors."""
-        if self._done:
-            return
-        if self.cpu_copies is not None:
-            self.cpu_copies.result()
-        if self.cuda_event is not None:
-            self.cuda_event.synchronize()
-        self._done = True
+        """Block until every copy into the buffer is complete; re-raise a copy error."""
+        self._all_done.wait()
+        if self._error is not None:
+            raise self._error
 
     def fence(self) -> None:
         """Make later work on the training thread/stream unable to race the copies."""
-        if self.cpu_copies is not None:
-            self.cpu_copies.result()
-        if self.cuda_event is not None and not self._done:
+        self._cpu_done.wait()
+        if self._error is not None:
+            raise self._error
+        if self.cuda_event is not None and not self._all_done.is_set():
             torch.cuda.current_stream().wait_event(self.cuda_event)
 
     def view(self) -> memoryview:
         """The staging bytes as a writable memoryview, for the IO layer."""
         return memoryview(self.buffer.numpy()).cast("B")
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        if self.gate is not None:
+            self.gate.cancel()
+        self._cpu_done.set()
+        self._all_done.set()
+
+    def _finish(self) -> None:
+        self._cpu_done.set()
+        if self.cuda_event is not None:
+            self.cuda_event.synchronize()
+        if self.gate is not None:
+            self.gate.advance(len(self.plan.chunks))
+        self._all_done.set()
 
 
 _side_streams: dict[int, "torch.cuda.Stream"] = {}
@@ -128,61 +144,100 @@ def _host_destination(plan: SavePlan, buffer: torch.Tensor, host: np.ndarray, in
     return kind, buffer[offset:offset + ref.nbytes].view(dtype).view(ref.shape)
 
 
-def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: list[int]) -> None:
+def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: list[int], gate=None,
+              floor: float = float("inf")) -> None:
+    """Copy ``indices`` (ascending offsets) and open the gate behind the copy front.
+
+    Everything below the next array still to copy (and below ``floor``: the first byte
+    somebody else still has to copy) is staged, so those chunks may be written.
+    """
     host = buffer.numpy()
-    for i in indices:
+    ends = plan.chunk_ends
+    opened = 0
+    for pos, i in enumerate(indices):
         kind, dst = _host_destination(plan, buffer, host, i)
         value = plan.arrays[i].value
         if kind == "numpy":
             np.copyto(dst, value, casting="no")
         else:
             dst.copy_(value.detach())
+        if gate is not None:
+            front = plan.offsets[indices[pos + 1]] if pos + 1 < len(indices) else floor
+            ready = bisect.bisect_right(ends, min(front, floor))
+            if ready > opened:
+                gate.advance(ready)
+                opened = ready
+
+
+def _finish_later(snap: Snapshot, later: list[int], floor: float) -> None:
+    try:
+        _copy_cpu(snap.plan, snap.buffer, later, snap.gate, floor)
+        snap._finish()
+    except BaseException as e:
+        snap._fail(e)
 
 
 def take_snapshot(plan: SavePlan, buffer: torch.Tensor, wait: bool = True,
-                  deferred: frozenset[int] = frozenset(), copier: Optional[Executor] = None) -> Snapshot:
-    """Copy every array of ``plan`` into ``buffer``.
+                  deferred: frozenset[int] = frozenset(), copier: Optional[Executor] = None,
+                  gate=None) -> Snapshot:
+    """Build a Snapshot of ``plan`` in ``buffer`` and run :func:`copy_into` on it."""
+    snap = Snapshot(plan, buffer, gate)
+    copy_into(snap, wait, deferred, copier)
+    return snap
 
-    Eager (default): every copy is complete on return. Lazy: CPU arrays whose index is in
+
+def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = frozenset(),
+              copier: Optional[Executor] = None) -> None:
+    """Copy every array of the snapshot's plan into its buffer.
+
+    Eager (``wait``): every copy is complete on return. Lazy: CPU arrays whose index is in
     ``deferred`` are copied by ``copier`` in the background and CUDA copies are left
     running on a side stream; the caller must ``fence`` the snapshot before anything
     mutates a deferred array. CUDA arrays not in ``deferred`` are first cloned on the
     training stream, so kernels queued later (e.g. BatchNorm statistics) cannot race.
+    With a gate, chunks are released to the writer as soon as their bytes are staged.
+    Raises the copy's error after cancelling the gate.
     """
+    plan, buffer, gate = snap.plan, snap.buffer, snap.gate
     now: list[int] = []
     later: list[int] = []
     streams_used: list = []
+    cuda_floor = float("inf")
     host = buffer.numpy()
-    for i, ref in enumerate(plan.arrays):
-        if ref.nbytes == 0:
-            continue
-        value = ref.value
-        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-            stream = _side_stream(value.device)
-            if stream not in streams_used:
-                # Copies must see every kernel already queued on the training stream.
-                stream.wait_stream(torch.cuda.current_stream(value.device))
-                streams_used.append(stream)
-            src = value.detach() if wait or i in deferred else value.detach().clone()
-            _, dst = _host_destination(plan, buffer, host, i)
-            with torch.cuda.stream(stream):
-                dst.copy_(src, non_blocking=True)
-            # The caching allocator must not hand this memory to the training stream
-            # until the side-stream copy has read it.
-            src.record_stream(stream)
-        elif not wait and i in deferred and copier is not None:
-            later.append(i)
-        else:
-            now.append(i)
-    _copy_cpu(plan, buffer, now)
-    event = None
-    if streams_used:
-        event = torch.cuda.Event()
-        for s in streams_used[1:]:
-            streams_used[0].wait_stream(s)
-        event.record(streams_used[0])
-    future = copier.submit(_copy_cpu, plan, buffer, later) if later else None
-    snap = Snapshot(plan, buffer, event, future)
-    if wait:
-        snap.wait()
-    return snap
+    try:
+        for i, ref in enumerate(plan.arrays):
+            if ref.nbytes == 0:
+                continue
+            value = ref.value
+            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                cuda_floor = min(cuda_floor, plan.offsets[i])
+                stream = _side_stream(value.device)
+                if stream not in streams_used:
+                    # Copies must see every kernel already queued on the training stream.
+                    stream.wait_stream(torch.cuda.current_stream(value.device))
+                    streams_used.append(stream)
+                src = value.detach() if wait or i in deferred else value.detach().clone()
+                _, dst = _host_destination(plan, buffer, host, i)
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                # The caching allocator must not hand this memory to the training stream
+                # until the side-stream copy has read it.
+                src.record_stream(stream)
+            elif not wait and i in deferred and copier is not None:
+                later.append(i)
+            else:
+                now.append(i)
+        if streams_used:
+            snap.cuda_event = torch.cuda.Event()
+            for s in streams_used[1:]:
+                streams_used[0].wait_stream(s)
+            snap.cuda_event.record(streams_used[0])
+        later_floor = min(cuda_floor, plan.offsets[later[0]]) if later else cuda_floor
+        _copy_cpu(plan, buffer, now, gate, later_floor)
+    except BaseException as e:
+        snap._fail(e)
+        raise
+    if wait or (not later and snap.cuda_event is None):
+        snap._finish()
+    else:
+        copier.submit(_finish_later, snap, later, cuda_floor)

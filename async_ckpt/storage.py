@@ -3,10 +3,14 @@
 IO sees only (file, offset, bytes): the plan decides what goes where, the backend
 decides how bytes reach the disk. Call sequence:
 
-1. The manager's background thread calls ``write(directory, rank, snapshot)`` once per
-   save, after the snapshot copy has completed; it returns the files and chunk records
+1. The manager's training thread calls ``staging_gate()`` when a save starts; a backend
+   that returns a gate can write chunks while the snapshot copy is still filling the
+   staging buffer (the copy opens the gate chunk by chunk).
+2. The manager's background thread calls ``write(directory, rank, snapshot)`` once per
+   save, possibly before the snapshot copy has completed; a backend without a gate must
+   ``snapshot.wait()`` before reading the buffer. It returns the files and chunk records
    the manifest needs. On error the caller removes ``directory``.
-2. ``restore``/``load``/``verify`` call ``read(directory, manifest, requests)`` on the
+3. ``restore``/``load``/``verify`` call ``read(directory, manifest, requests)`` on the
    caller's thread; each request is (chunk index, destination or None to check only).
 """
 
@@ -25,6 +29,10 @@ ReadRequest = tuple[int, Optional[memoryview]]
 
 
 class Storage(abc.ABC):
+    def staging_gate(self):
+        """A gate object the snapshot copy opens chunk by chunk, or None (write after the copy)."""
+        return None
+
     @abc.abstractmethod
     def write(self, directory: Path, rank: int, snapshot: Snapshot) -> tuple[list[FileEntry], list[ChunkEntry]]:
         """Write every planned chunk; return file entries and one chunk record per planned chunk."""
@@ -52,8 +60,13 @@ class NativeStorage(Storage):
         self._writer = native.Writer(io_threads)
         self._reader = native.Reader(io_threads)
 
+    def staging_gate(self):
+        return self._native.Gate()
+
     def write(self, directory: Path, rank: int, snapshot: Snapshot) -> tuple[list[FileEntry], list[ChunkEntry]]:
         native = self._native
+        if snapshot.gate is None:
+            snapshot.wait()
         name = data_file_name(rank, 0)
         view = snapshot.view()
         jobs = [native.WriteJob(view[c.start:c.start + c.length], 0, self._codec, self._level, c.shuffle)
@@ -61,7 +74,7 @@ class NativeStorage(Storage):
         path = str(Path(directory) / name)
         stop_watch = faults.watch_file("mid_write", path)   # None unless a test armed it
         try:
-            records = self._writer.write([path], jobs, self._fsync)
+            records = self._writer.write([path], jobs, self._fsync, snapshot.gate)
         finally:
             if stop_watch is not None:
                 stop_watch()

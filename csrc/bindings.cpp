@@ -13,6 +13,7 @@
 #include "crc32c.h"
 #include "errors.h"
 #include "file_io.h"
+#include "gate.h"
 #include "reader.h"
 #include "shuffle.h"
 #include "writer.h"
@@ -231,6 +232,12 @@ PYBIND11_MODULE(_native, m) {
                std::to_string(r.raw_crc32c) + ")";
       });
 
+  py::class_<Gate>(m, "Gate")
+      .def(py::init<>())
+      .def("advance", &Gate::advance, py::arg("n"))
+      .def("cancel", &Gate::cancel)
+      .def_property_readonly("ready", &Gate::ready);
+
   py::class_<Writer>(m, "Writer")
       .def(py::init([](int threads) {
              if (threads < 1 || threads > 256) raise_format("threads must be in [1, 256]");
@@ -241,7 +248,7 @@ PYBIND11_MODULE(_native, m) {
       .def(
           "write",
           [](Writer& w, const std::vector<std::string>& paths, const std::vector<PyWriteJob*>& pj,
-             bool fsync) {
+             bool fsync, Gate* gate) {
             std::vector<py::buffer_info> held;  // released with the GIL held (declared first)
             held.reserve(pj.size());
             std::vector<WriteJob> jobs(pj.size());
@@ -256,9 +263,10 @@ PYBIND11_MODULE(_native, m) {
               jobs[i].shuffle = pj[i]->shuffle;
             }
             py::gil_scoped_release nogil;
-            return w.write(paths, jobs, fsync);
+            return w.write(paths, jobs, fsync, gate);
           },
-          py::arg("paths"), py::arg("jobs"), py::arg("fsync") = true);
+          py::arg("paths"), py::arg("jobs"), py::arg("fsync") = true,
+          py::arg("gate") = py::none());
 
   py::class_<PyReadJob>(m, "ReadJob")
       .def(py::init([](const py::object& file, const py::object& offset, const py::object& length,

@@ -165,7 +165,7 @@ void validate(const std::vector<std::string>& paths, const std::vector<WriteJob>
 }  // namespace
 
 std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
-                                       const std::vector<WriteJob>& jobs, bool fsync) {
+                                       const std::vector<WriteJob>& jobs, bool fsync, Gate* gate) {
   validate(paths, jobs);
   const bool have_zstd = zstd::loaded();
 
@@ -183,6 +183,7 @@ std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
   std::vector<Scratch> scratch(pool_.size());
 
   pool_.run(jobs.size(), [&](size_t i, unsigned w) {
+    if (gate) gate->wait(i);
     const WriteJob& j = jobs[i];
     FileState& f = *files[j.file];
     Scratch& s = scratch[w];

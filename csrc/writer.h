@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "chunk.h"
+#include "gate.h"
 #include "thread_pool.h"
 
 namespace ackpt {
@@ -27,9 +28,11 @@ class Writer {
   // Creates every path (O_EXCL), encodes and appends the jobs, fsyncs the files when asked,
   // closes them, and returns one record per job in job order. Arguments are validated before
   // any file is created. On the first error the remaining jobs are abandoned, the files are
-  // closed and the error propagates (the caller removes what was written).
+  // closed and the error propagates (the caller removes what was written). With a gate, job
+  // i first waits until the gate says chunk i is staged (copy and write overlap).
   std::vector<ChunkRecord> write(const std::vector<std::string>& paths,
-                                 const std::vector<WriteJob>& jobs, bool fsync);
+                                 const std::vector<WriteJob>& jobs, bool fsync,
+                                 Gate* gate = nullptr);
 
  private:
   ThreadPool pool_;

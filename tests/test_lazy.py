@@ -37,10 +37,10 @@ def test_mutation_through_optimizer_waits_for_the_copy(tmp_path, monkeypatch):
     import async_ckpt.snapshot as snap_mod
     real = snap_mod._copy_cpu
 
-    def slow_copy(plan, buffer, indices):
+    def slow_copy(*args, **kwargs):
         if threading.current_thread().name.startswith("async_ckpt-snapshot"):
             time.sleep(0.3)
-        real(plan, buffer, indices)
+        real(*args, **kwargs)
 
     monkeypatch.setattr(snap_mod, "_copy_cpu", slow_copy)
     fenced = []
