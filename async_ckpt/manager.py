@@ -30,7 +30,7 @@ from . import faults, layout, rng, signals
 from .errors import CheckpointError, NotCommittedError, RestoreError, SaveError
 from .options import CheckpointManagerOptions
 from .plan import plan_save
-from .restore import decode_items, item_arrays, read_arrays, restore_into
+from .restore import decode_items, item_arrays, match_destinations, read_arrays, restore_into
 from .rotation import steps_to_delete
 from .saving import CommitInfo, write_snapshot_and_commit
 from .snapshot import Snapshot, StagingPool, copy_into
@@ -448,7 +448,9 @@ class CheckpointManager:
 
         Items the checkpoint holds but ``state`` does not name are left alone; an item
         ``state`` names that the checkpoint lacks raises RestoreError. RNG streams are
-        restored last.
+        restored last. Matching CPU tensors (module parameters and buffers, tensors in
+        dicts) are decoded into directly, so each byte is read once; if a restore raises
+        (e.g. a ChecksumError), those targets may hold partial data.
         """
         self._check_open()
         resolved = self._resolve_step(step)
@@ -465,7 +467,12 @@ class CheckpointManager:
         want_rng = restore_rng and RNG_ITEM in saved_names and RNG_ITEM not in state
         if want_rng:
             names.append(RNG_ITEM)
-        arrays = read_arrays(path, manifest, self._storage, indices=item_arrays(tree, names))
+        destinations: dict[int, Any] = {}
+        for key, node in zip(tree["keys"], tree["values"]):
+            if key in state:
+                match_destinations(state[key], node, manifest.ranks[0].arrays, destinations)
+        arrays = read_arrays(path, manifest, self._storage, indices=item_arrays(tree, names),
+                             destinations=destinations)
         saved = decode_items(tree, arrays, names)
         if isinstance(state, dict):
             for name in state:

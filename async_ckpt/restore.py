@@ -33,18 +33,36 @@ def _allocate(dtype: str, shape: Sequence[int], nbytes: int) -> tuple[Any, np.nd
     return raw_np.view(dt).reshape(tuple(shape)), raw_np
 
 
+def _byte_view(value: Any) -> np.ndarray:
+    """A flat uint8 numpy view of a contiguous CPU tensor or ndarray."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(-1).view(torch.uint8).numpy()
+    return value.reshape(-1).view(np.uint8)
+
+
 def read_arrays(directory: Path, manifest: Manifest, storage: Storage, rank: int = 0,
-                indices: Optional[Iterable[int]] = None) -> dict[int, Any]:
-    """Materialise the requested arrays of ``rank`` (all when ``indices`` is None) on CPU."""
+                indices: Optional[Iterable[int]] = None,
+                destinations: Optional[Mapping[int, Any]] = None) -> dict[int, Any]:
+    """Materialise the requested arrays of ``rank`` (all when ``indices`` is None) on CPU.
+
+    ``destinations`` maps array indices to existing contiguous CPU tensors/ndarrays of the
+    right dtype and shape (see :func:`match_destinations`): those are decoded into in place
+    instead of into fresh memory. If reading fails, they may hold partial data.
+    """
     check_data_files(directory, manifest)   # before allocating what the manifest declares
     section = manifest.ranks[rank]
     wanted = sorted(set(range(len(section.arrays)) if indices is None else indices))
+    destinations = destinations or {}
     out: dict[int, Any] = {}
     requests: list[tuple[int, Any]] = []
     scatter: dict[int, list[tuple[np.ndarray, int, int, int]]] = {}   # chunk → (dst, dst_off, src_off, len)
     for index in wanted:
         entry = section.arrays[index]
-        value, raw = _allocate(entry.dtype, entry.shape, entry.nbytes)
+        if index in destinations:
+            value = destinations[index]
+            raw = _byte_view(value)
+        else:
+            value, raw = _allocate(entry.dtype, entry.shape, entry.nbytes)
         out[index] = value
         cursor = 0
         for chunk, offset, length in entry.parts:
@@ -69,6 +87,50 @@ def read_arrays(directory: Path, manifest: Manifest, storage: Storage, rank: int
         for dst, dst_off, src_off, length in pieces:
             dst[dst_off:dst_off + length] = src[src_off:src_off + length]
     return out
+
+
+def _fits(target: Any, dtype: str, shape: tuple[int, ...]) -> bool:
+    if isinstance(target, torch.Tensor):
+        return (target.device.type == "cpu" and target.is_contiguous() and not target.is_conj()
+                and not target.is_neg() and tuple(target.shape) == tuple(shape)
+                and str(target.dtype) == dtype and target.numel() > 0)
+    if isinstance(target, np.ndarray):
+        return (target.flags.c_contiguous and target.flags.writeable and target.shape == tuple(shape)
+                and target.dtype.str == dtype and target.size > 0)
+    return False
+
+
+def match_destinations(target: Any, node: Any, arrays: Sequence[Any], out: dict[int, Any]) -> None:
+    """Find target tensors that a saved array can be decoded straight into.
+
+    Walks ``target`` (the caller's live objects) beside ``node`` (the saved typed tree):
+    module parameters and buffers (through ``state_dict()``, which shares their memory),
+    tensors and ndarrays inside dicts and lists. Restoring then copies each of them onto
+    itself, which torch and numpy skip, so a restore reads each byte once.
+    """
+    if not isinstance(node, dict):
+        return
+    tag = node.get("$")
+    if isinstance(target, torch.nn.Module):
+        if tag == "state":
+            match_destinations(target.state_dict(), node.get("v"), arrays, out)
+        return
+    if tag in ("tensor", "ndarray"):
+        index = node.get("array")
+        if type(index) is int and 0 <= index < len(arrays) and index not in out:
+            entry = arrays[index]
+            if _fits(target, entry.dtype, entry.shape):
+                out[index] = target
+        return
+    if tag == "dict" and isinstance(target, Mapping):
+        for key, value in zip(node.get("keys", ()), node.get("values", ())):
+            if key in target:
+                match_destinations(target[key], value, arrays, out)
+    elif tag in ("list", "tuple") and isinstance(target, (list, tuple)):
+        values = node.get("v", ())
+        if len(values) == len(target):
+            for t, v in zip(target, values):
+                match_destinations(t, v, arrays, out)
 
 
 def item_arrays(tree: Any, names: Iterable[str]) -> set[int]:

@@ -281,3 +281,35 @@ def test_large_state_multi_chunk(tmp_path, compression):
     assert torch.equal(tree["big"], big)
     assert all(torch.equal(tree["small"][k], v) for k, v in small.items())
     assert torch.count_nonzero(tree["zeros"]) == 0
+
+
+def test_restore_decodes_straight_into_parameters(tmp_path, monkeypatch):
+    from async_ckpt import restore as restore_mod
+
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))
+    plain = {"a": torch.randn(100), "nested": [torch.randn(3, 3)]}
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(0, {"model": src, "plain": plain})
+        dst = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))
+        dst_plain = {"a": torch.zeros(100), "nested": [torch.zeros(3, 3)]}
+        ptrs = [p.data_ptr() for p in dst.state_dict().values()]
+        allocated = []
+        real = restore_mod._allocate
+        monkeypatch.setattr(restore_mod, "_allocate", lambda *a: allocated.append(a) or real(*a))
+        mgr.restore({"model": dst, "plain": dst_plain}, restore_rng=False)
+    assert allocated == []                      # every array went straight into its target
+    assert [p.data_ptr() for p in dst.state_dict().values()] == ptrs
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(dst_plain["a"], plain["a"]) and torch.equal(dst_plain["nested"][0], plain["nested"][0])
+
+
+def test_restore_into_other_dtype_goes_through_load_state_dict(tmp_path):
+    src = torch.nn.Linear(4, 4)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(0, {"model": src})
+        dst = torch.nn.Linear(4, 4).double()
+        mgr.restore({"model": dst})
+    assert dst.weight.dtype == torch.float64
+    assert torch.equal(dst.weight, src.weight.double())
