@@ -74,6 +74,13 @@ class Gate:
     @property
     def ready(self) -> int: ...
 
+def stage(dst: _Buffer, srcs: _Buffer, offsets: _Buffer, lengths: _Buffer,
+          chunk_ends: Sequence[int] = (), gate: Gate | None = None, floor: int = 2**64 - 1) -> None:
+    """Copy len(srcs) regions into dst: srcs are raw host addresses (uint64) the caller keeps
+    alive, offsets/lengths uint64 destination ranges sorted by offset and inside dst (checked
+    first: FormatError). With a gate, after each region opens the chunks whose end
+    (chunk_ends) lies at or below min(next region's offset, floor). GIL released."""
+
 class Writer:
     """A pool of ``threads`` workers (the calling thread is one of them). One ``write`` runs at a
     time per Writer; concurrent calls from several Python threads are serialised.

@@ -9,10 +9,9 @@ touched by the background writer thread (``release``), hence the lock.
 
 from __future__ import annotations
 
-import bisect
 import threading
 from concurrent.futures import Executor
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -144,29 +143,50 @@ def _host_destination(plan: SavePlan, buffer: torch.Tensor, host: np.ndarray, in
     return kind, buffer[offset:offset + ref.nbytes].view(dtype).view(ref.shape)
 
 
+def _is_plain_host(value: Any) -> bool:
+    """Contiguous host memory whose bytes are the value (the native stager can memcpy it)."""
+    if isinstance(value, torch.Tensor):
+        return (value.device.type == "cpu" and value.is_contiguous() and not value.is_conj()
+                and not value.is_neg())
+    return isinstance(value, np.ndarray) and value.flags.c_contiguous
+
+
 def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: list[int], gate=None,
               floor: float = float("inf")) -> None:
     """Copy ``indices`` (ascending offsets) and open the gate behind the copy front.
 
-    Everything below the next array still to copy (and below ``floor``: the first byte
-    somebody else still has to copy) is staged, so those chunks may be written.
+    Contiguous host arrays go to the native stager in one call (a memcpy per array, GIL
+    released, no per-tensor Python views); the rare rest (strided views) is copied by
+    torch/numpy first. Everything below the next array still to copy, and below ``floor``
+    (the first byte somebody else still has to copy), is staged, so those chunks may be
+    written.
     """
+    from . import native
+
     host = buffer.numpy()
-    ends = plan.chunk_ends
-    opened = 0
-    for pos, i in enumerate(indices):
-        kind, dst = _host_destination(plan, buffer, host, i)
+    plain: list[int] = []
+    for i in indices:
         value = plan.arrays[i].value
+        if _is_plain_host(value):
+            plain.append(i)
+            continue
+        kind, dst = _host_destination(plan, buffer, host, i)
         if kind == "numpy":
             np.copyto(dst, value, casting="no")
         else:
             dst.copy_(value.detach())
-        if gate is not None:
-            front = plan.offsets[indices[pos + 1]] if pos + 1 < len(indices) else floor
-            ready = bisect.bisect_right(ends, min(front, floor))
-            if ready > opened:
-                gate.advance(ready)
-                opened = ready
+    srcs = np.fromiter((_data_ptr(plan.arrays[i].value) for i in plain), np.uint64, len(plain))
+    offsets = np.fromiter((plan.offsets[i] for i in plain), np.uint64, len(plain))
+    lengths = np.fromiter((plan.arrays[i].nbytes for i in plain), np.uint64, len(plain))
+    native.stage(host, srcs, offsets, lengths, plan.chunk_ends if gate is not None else [], gate,
+                 _UINT64_MAX if floor == float("inf") else int(floor))
+
+
+_UINT64_MAX = (1 << 64) - 1
+
+
+def _data_ptr(value: Any) -> int:
+    return value.data_ptr() if isinstance(value, torch.Tensor) else value.ctypes.data
 
 
 def _finish_later(snap: Snapshot, later: list[int], floor: float) -> None:

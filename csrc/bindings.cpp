@@ -2,6 +2,7 @@
 // binds: buffers are requested under the GIL, every blocking call runs with the GIL
 // released, and core exceptions are translated to async_ckpt.errors classes.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <climits>
@@ -16,6 +17,7 @@
 #include "gate.h"
 #include "reader.h"
 #include "shuffle.h"
+#include "stage.h"
 #include "writer.h"
 #include "zstd_dl.h"
 
@@ -237,6 +239,31 @@ PYBIND11_MODULE(_native, m) {
       .def("advance", &Gate::advance, py::arg("n"))
       .def("cancel", &Gate::cancel)
       .def_property_readonly("ready", &Gate::ready);
+
+  m.def(
+      "stage",
+      [](const py::object& dst, const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& srcs,
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& offsets,
+         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& lengths,
+         const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor) {
+        py::buffer_info d = request(dst, true, "dst");
+        const py::ssize_t n = srcs.size();
+        if (offsets.size() != n || lengths.size() != n)
+          raise_format("stage: srcs, offsets and lengths must have the same length");
+        std::vector<Region> regions(static_cast<size_t>(n));
+        const uint64_t* s = srcs.data();
+        const uint64_t* o = offsets.data();
+        const uint64_t* l = lengths.data();
+        for (py::ssize_t k = 0; k < n; ++k)
+          regions[k] = Region{reinterpret_cast<const void*>(static_cast<uintptr_t>(s[k])), o[k], l[k]};
+        char* base = static_cast<char*>(d.ptr);
+        const uint64_t len = nbytes(d);
+        py::gil_scoped_release nogil;
+        stage_regions(base, len, regions, chunk_ends, gate, floor);
+      },
+      py::arg("dst"), py::arg("srcs"), py::arg("offsets"), py::arg("lengths"),
+      py::arg("chunk_ends") = std::vector<uint64_t>(), py::arg("gate") = py::none(),
+      py::arg("floor") = UINT64_MAX);
 
   py::class_<Writer>(m, "Writer")
       .def(py::init([](int threads) {

@@ -87,3 +87,39 @@ def test_many_chunks_stream_through_the_gate(tmp_path):
         loaded = mgr.load(2)
     for k, v in tensors.items():
         assert torch.equal(loaded[k], v)
+
+
+def test_staging_mixes_native_memcpy_and_strided_copies(tmp_path):
+    base = torch.randn(600, 700)
+    state = {
+        "view": base.t(),                                  # strided: copied by torch
+        "slice": base[::3, 5:],                            # strided
+        "dense": base,                                     # memcpy'd natively
+        "np": np.arange(300_000, dtype=np.int32),
+        "np_strided": np.arange(100_000, dtype=np.float64)[::2],
+        "bool": torch.rand(5000) > 0.5,
+        "complex": torch.randn(1000, dtype=torch.complex64),
+        "scalar": torch.tensor(3.5),
+        "bf16": torch.randn(200_000).to(torch.bfloat16),
+    }
+    o = CheckpointManagerOptions(io_threads=2, chunk_bytes=1 << 20)
+    with CheckpointManager(tmp_path, o) as mgr:
+        mgr.save(0, state)
+        loaded = mgr.load(0)
+    for k, v in state.items():
+        if isinstance(v, np.ndarray):
+            assert np.array_equal(loaded[k], v), k
+        else:
+            assert torch.equal(loaded[k], v), k
+
+
+def test_stage_rejects_regions_outside_the_buffer():
+    buf = np.zeros(64, np.uint8)
+    src = np.arange(8, dtype=np.uint8)
+    ptr = np.array([src.ctypes.data], np.uint64)
+    native.stage(buf, ptr, np.array([16], np.uint64), np.array([8], np.uint64))
+    assert buf[16:24].tolist() == list(range(8))
+    with pytest.raises(CheckpointError):
+        native.stage(buf, ptr, np.array([60], np.uint64), np.array([8], np.uint64))
+    with pytest.raises(CheckpointError):
+        native.stage(buf, np.array([0, 0], np.uint64), np.array([8, 0], np.uint64), np.array([1, 1], np.uint64))
