@@ -73,6 +73,21 @@ def settle(folder: str) -> None:
     time.sleep(0.2)
 
 
+def pwrite_all(fd: int, chunk: memoryview, pos: int) -> None:
+    done = 0
+    while done < len(chunk):
+        done += os.pwrite(fd, chunk[done:], pos + done)
+
+
+def pread_all(fd: int, chunk: memoryview, pos: int) -> None:
+    done = 0
+    while done < len(chunk):
+        got = os.preadv(fd, [chunk[done:]], pos + done)
+        if got == 0:
+            raise IOError("short read")
+        done += got
+
+
 def ceiling_write(path: str, data: np.ndarray, direct: bool) -> float:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0)
     t0 = time.perf_counter()
@@ -82,10 +97,7 @@ def ceiling_write(path: str, data: np.ndarray, direct: bool) -> float:
         size = len(view)
         body = size - size % ALIGN if direct else size
         for pos in range(0, body, SLICE):
-            chunk = view[pos:min(pos + SLICE, body)]
-            done = 0
-            while done < len(chunk):
-                done += os.pwrite(fd, chunk[done:], pos + done)
+            pwrite_all(fd, view[pos:min(pos + SLICE, body)], pos)
         if body < size:  # unaligned tail, buffered
             os.close(fd)
             fd = os.open(path, os.O_WRONLY)
@@ -104,13 +116,7 @@ def ceiling_read(path: str, out: np.ndarray, direct: bool) -> float:
         size = len(view)
         body = size - size % ALIGN if direct else size
         for pos in range(0, body, SLICE):
-            chunk = view[pos:min(pos + SLICE, body)]
-            done = 0
-            while done < len(chunk):
-                got = os.preadv(fd, [chunk[done:]], pos + done)
-                if got == 0:
-                    raise IOError("short read")
-                done += got
+            pread_all(fd, view[pos:min(pos + SLICE, body)], pos)
         if body < size:
             with open(path, "rb") as f:
                 f.seek(body)

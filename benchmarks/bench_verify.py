@@ -29,7 +29,7 @@ import torch
 
 from async_ckpt import layout, verify
 from async_ckpt.saving import write_checkpoint
-from benchmarks.bench_native import aligned_bytes, ceiling_read, drop_cache, parse_size
+from benchmarks.bench_native import aligned_bytes, ceiling_read, drop_cache, parse_size, pread_all
 
 
 def parallel_read(path: str, out: np.ndarray, threads: int, slice_bytes: int = 16 << 20) -> float:
@@ -39,13 +39,7 @@ def parallel_read(path: str, out: np.ndarray, threads: int, slice_bytes: int = 1
     view = memoryview(out)
 
     def read(pos: int) -> None:
-        chunk = view[pos:pos + slice_bytes]
-        done = 0
-        while done < len(chunk):
-            got = os.preadv(fd, [chunk[done:]], pos + done)
-            if got == 0:
-                raise IOError("short read")
-            done += got
+        pread_all(fd, view[pos:pos + slice_bytes], pos)
     try:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(read, range(0, len(view), slice_bytes)))
