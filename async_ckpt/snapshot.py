@@ -9,6 +9,7 @@ touched by the background writer thread (``release``), hence the lock.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from concurrent.futures import Executor
 from typing import Any, Optional
@@ -155,31 +156,59 @@ def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: list[int], gate=Non
               floor: float = float("inf")) -> None:
     """Copy ``indices`` (ascending offsets) and open the gate behind the copy front.
 
-    Contiguous host arrays go to the native stager in one call (a memcpy per array, GIL
-    released, no per-tensor Python views); the rare rest (strided views) is copied by
-    torch/numpy first. Everything below the next array still to copy, and below ``floor``
-    (the first byte somebody else still has to copy), is staged, so those chunks may be
-    written.
+    Small contiguous host arrays go to the native stager in batches (a memcpy each, GIL
+    released, no per-tensor Python views); large ones go through torch/numpy, whose copy
+    is multi-threaded; strided views are copied first. Everything below the next array
+    still to copy, and below ``floor`` (the first byte somebody else still has to copy),
+    is staged, so those chunks may be written.
     """
     from . import native
 
     host = buffer.numpy()
-    plain: list[int] = []
+    ends = plan.chunk_ends
+    ordered: list[int] = []
     for i in indices:
-        value = plan.arrays[i].value
-        if _is_plain_host(value):
-            plain.append(i)
-            continue
-        kind, dst = _host_destination(plan, buffer, host, i)
-        if kind == "numpy":
-            np.copyto(dst, value, casting="no")
+        if _is_plain_host(plan.arrays[i].value):
+            ordered.append(i)
         else:
-            dst.copy_(value.detach())
-    srcs = np.fromiter((_data_ptr(plan.arrays[i].value) for i in plain), np.uint64, len(plain))
-    offsets = np.fromiter((plan.offsets[i] for i in plain), np.uint64, len(plain))
-    lengths = np.fromiter((plan.arrays[i].nbytes for i in plain), np.uint64, len(plain))
-    native.stage(host, srcs, offsets, lengths, plan.chunk_ends if gate is not None else [], gate,
-                 _UINT64_MAX if floor == float("inf") else int(floor))
+            _copy_one(plan, buffer, host, i)
+    batch: list[int] = []
+
+    def flush(front: float) -> None:
+        if not batch:
+            return
+        srcs = np.fromiter((_data_ptr(plan.arrays[i].value) for i in batch), np.uint64, len(batch))
+        offsets = np.fromiter((plan.offsets[i] for i in batch), np.uint64, len(batch))
+        lengths = np.fromiter((plan.arrays[i].nbytes for i in batch), np.uint64, len(batch))
+        limit = min(front, floor)
+        native.stage(host, srcs, offsets, lengths, ends if gate is not None else [], gate,
+                     _UINT64_MAX if limit == float("inf") else int(limit))
+        batch.clear()
+
+    for pos, i in enumerate(ordered):
+        if plan.arrays[i].nbytes < _NATIVE_BELOW:
+            batch.append(i)
+            continue
+        flush(plan.offsets[i])
+        _copy_one(plan, buffer, host, i)
+        if gate is not None:
+            front = plan.offsets[ordered[pos + 1]] if pos + 1 < len(ordered) else floor
+            gate.advance(bisect.bisect_right(ends, min(front, floor)))
+    flush(floor)
+
+
+# Below this size the per-tensor cost of torch's copy (views, dispatch) dominates and one
+# native memcpy batch wins; above it torch's multi-threaded copy is faster than one memcpy.
+_NATIVE_BELOW = 1 << 20
+
+
+def _copy_one(plan: SavePlan, buffer: torch.Tensor, host: np.ndarray, index: int) -> None:
+    kind, dst = _host_destination(plan, buffer, host, index)
+    value = plan.arrays[index].value
+    if kind == "numpy":
+        np.copyto(dst, value, casting="no")
+    else:
+        dst.copy_(value.detach())
 
 
 _UINT64_MAX = (1 << 64) - 1
