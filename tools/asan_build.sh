@@ -4,7 +4,7 @@
 # against it. Python itself is not instrumented, so libasan is LD_PRELOADed; leak checking
 # is off (CPython keeps its arenas), everything else aborts on the first report.
 #
-#   tools/asan_build.sh                  # build + run tests/test_native.py test_native_io.py test_fuzz.py
+#   tools/asan_build.sh                  # build + run tests/test_native.py test_native_io.py test_fuzz.py test_gate.py
 #   tools/asan_build.sh tests/test_x.py  # build + run other tests against the ASan build
 #   ASAN_SKIP_BUILD=1 tools/asan_build.sh ...   # reuse build/asan
 #
@@ -59,6 +59,7 @@ if [[ $# -eq 0 ]]; then
   # test_pools_work_in_a_forked_child forks while native pools run: under ASan that deadlocks
   # in the sanitizer's allocator (google/sanitizers issue 774), not in our code.
   set -- "$REPO/tests/test_native.py" "$REPO/tests/test_native_io.py" "$REPO/tests/test_fuzz.py" \
+         "$REPO/tests/test_gate.py" \
          -k "not test_pools_work_in_a_forked_child"
 fi
 args=()
