@@ -175,22 +175,22 @@ def _int(value: Any, where: str, lo: int = 0, hi: int | None = None) -> int:
     return value
 
 
-def _obj(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise FormatError(f"{where}: expected an object, got {type(value).__name__}")
+def _expect(value: Any, kind: type, label: str, where: str) -> Any:
+    if not isinstance(value, kind):
+        raise FormatError(f"{where}: expected {label}, got {type(value).__name__}")
     return value
+
+
+def _obj(value: Any, where: str) -> dict:
+    return _expect(value, dict, "an object", where)
 
 
 def _list(value: Any, where: str) -> list:
-    if not isinstance(value, list):
-        raise FormatError(f"{where}: expected an array, got {type(value).__name__}")
-    return value
+    return _expect(value, list, "an array", where)
 
 
 def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise FormatError(f"{where}: expected a string, got {type(value).__name__}")
-    return value
+    return _expect(value, str, "a string", where)
 
 
 def _reject_constant(name: str) -> Any:

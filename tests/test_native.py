@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import zstandard
 
+from native_helpers import run_py
 from async_ckpt import native as n
 from async_ckpt.errors import CodecError, FormatError
 
@@ -324,12 +322,6 @@ def test_empty_job_list_creates_empty_files(tmp_path):
     assert [os.path.getsize(p) for p in paths] == [0, 0]
 
 
-def run_py(code: str, env_extra: dict) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **env_extra)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_forced_zstd_fallback_uses_zstandard_package(tmp_path):

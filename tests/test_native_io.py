@@ -7,9 +7,7 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import textwrap
 import threading
 import time
 import uuid
@@ -18,18 +16,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from native_helpers import run_py
 from async_ckpt import native as n
 from async_ckpt.errors import (CheckpointError, ChecksumError, CodecError, FormatError,
                                StorageError)
 
 
 
-def run_py(code: str, env_extra: dict) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **env_extra)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def terabyte_frame() -> bytes:
