@@ -75,19 +75,24 @@ class Snapshot:
     """A plan, the staging buffer that receives its bytes, and the state of the copy.
 
     Copies may still be running when ``save_async`` returns: in lazy mode the background
-    copier finishes the CPU copies, and CUDA copies run on a side stream until
-    ``cuda_event``. ``gate`` (a native Gate) tells the writer which chunks are staged, so
-    writing starts while copying goes on. ``wait`` blocks until every byte is staged
-    (the background writer and ``wait_for_snapshot`` call it); ``fence`` is what the
-    training thread calls before mutating fenced tensors (optimizer step pre-hook): it
-    blocks on CPU copies but only orders the current CUDA stream after the copy event.
+    copier finishes the CPU copies, and CUDA copies run on a side stream in groups, each
+    ending with the event of a :class:`~async_ckpt.device_copy.CudaMark`. ``gate`` (a native
+    Gate) tells the writer which chunks are staged, so writing starts while copying goes on.
+    ``known_crcs``/``crc_known`` carry the chunk checksums computed on the GPU (the writer
+    skips its pass for those chunks). ``wait`` blocks until every byte is staged (the
+    background writer and ``wait_for_snapshot`` call it); ``fence`` is what the training
+    thread calls before mutating fenced tensors (optimizer step pre-hook): it blocks on CPU
+    copies but only orders the current CUDA stream after the last copy event.
     """
 
     def __init__(self, plan: SavePlan, buffer: torch.Tensor, gate=None) -> None:
         self.plan = plan
         self.buffer = buffer
         self.gate = gate
-        self.cuda_event: Optional["torch.cuda.Event"] = None
+        self.cuda_marks: list = []                      # device_copy.CudaMark, in stream order
+        n = len(plan.chunks)
+        self.known_crcs = np.zeros(n, dtype=np.uint32)  # filled by _finish for crc_known chunks
+        self.crc_known = np.zeros(n, dtype=bool)
         self._cpu_done = threading.Event()
         self._all_done = threading.Event()
         self._error: Optional[BaseException] = None
@@ -103,8 +108,8 @@ class Snapshot:
         self._cpu_done.wait()
         if self._error is not None:
             raise self._error
-        if self.cuda_event is not None and not self._all_done.is_set():
-            torch.cuda.current_stream().wait_event(self.cuda_event)
+        if self.cuda_marks and not self._all_done.is_set():
+            torch.cuda.current_stream().wait_event(self.cuda_marks[-1].event)
 
     def view(self) -> memoryview:
         """The staging bytes as a writable memoryview, for the IO layer."""
@@ -118,22 +123,19 @@ class Snapshot:
         self._all_done.set()
 
     def _finish(self) -> None:
+        """Runs once every CPU copy is done: release CUDA groups to the writer as they land."""
         self._cpu_done.set()
-        if self.cuda_event is not None:
-            self.cuda_event.synchronize()
+        ends = self.plan.chunk_ends
+        for mark in self.cuda_marks:
+            mark.event.synchronize()
+            if mark.crcs is not None:   # words first, flags second, then the gate
+                self.known_crcs[mark.chunks] = mark.crcs.numpy().view(np.uint32)
+                self.crc_known[mark.chunks] = True
+            if self.gate is not None:
+                self.gate.advance(bisect.bisect_right(ends, mark.front))
         if self.gate is not None:
             self.gate.advance(len(self.plan.chunks))
         self._all_done.set()
-
-
-_side_streams: dict[int, "torch.cuda.Stream"] = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
 
 
 def _host_destination(plan: SavePlan, buffer: torch.Tensor, host: np.ndarray, index: int):
@@ -250,8 +252,7 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
     plan, buffer, gate = snap.plan, snap.buffer, snap.gate
     now: list[int] = []
     later: list[int] = []
-    streams_used: list = []
-    cuda_floor = float("inf")
+    on_device: list[int] = []
     host = buffer.numpy()
     try:
         for i, ref in enumerate(plan.arrays):
@@ -259,34 +260,23 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
                 continue
             value = ref.value
             if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                cuda_floor = min(cuda_floor, plan.offsets[i])
-                stream = _side_stream(value.device)
-                if stream not in streams_used:
-                    # Copies must see every kernel already queued on the training stream.
-                    stream.wait_stream(torch.cuda.current_stream(value.device))
-                    streams_used.append(stream)
-                src = value.detach() if wait or i in deferred else value.detach().clone()
-                _, dst = _host_destination(plan, buffer, host, i)
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-                # The caching allocator must not hand this memory to the training stream
-                # until the side-stream copy has read it.
-                src.record_stream(stream)
+                on_device.append(i)
             elif not wait and i in deferred and copier is not None:
                 later.append(i)
             else:
                 now.append(i)
-        if streams_used:
-            snap.cuda_event = torch.cuda.Event()
-            for s in streams_used[1:]:
-                streams_used[0].wait_stream(s)
-            snap.cuda_event.record(streams_used[0])
+        cuda_floor = float(plan.offsets[on_device[0]]) if on_device else float("inf")
+        if on_device:
+            from . import device_copy
+            snap.cuda_marks = device_copy.enqueue(
+                plan, host, on_device, lambda i: _host_destination(plan, buffer, host, i)[1],
+                clone=lambda i: not wait and i not in deferred)
         later_floor = min(cuda_floor, plan.offsets[later[0]]) if later else cuda_floor
         _copy_cpu(plan, buffer, now, gate, later_floor)
     except BaseException as e:
         snap._fail(e)
         raise
-    if wait or (not later and snap.cuda_event is None):
+    if wait or (not later and not snap.cuda_marks):
         snap._finish()
     else:
         copier.submit(_finish_later, snap, later, cuda_floor)

@@ -21,7 +21,9 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import faults
+import numpy as np
+
+from . import device_crc, faults
 from .layout import ChunkEntry, FileEntry, Manifest, data_file_name
 from .snapshot import Snapshot
 
@@ -74,7 +76,11 @@ class NativeStorage(Storage):
         path = str(Path(directory) / name)
         stop_watch = faults.watch_file("mid_write", path)   # None unless a test armed it
         try:
-            records = self._writer.write([path], jobs, self._fsync, snapshot.gate)
+            # The device checksums (and their flags) are filled in before the gate releases
+            # their chunks; the writer reads each pair only after that.
+            records = self._writer.write([path], jobs, self._fsync, snapshot.gate, snapshot.known_crcs,
+                                         snapshot.crc_known.view(np.uint8),
+                                         device_crc.mode() == "check")
         finally:
             if stop_watch is not None:
                 stop_watch()

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "crc32c.h"
+#include "crc32c_pieces.h"
+#include "cuda_crc_dl.h"
 #include "errors.h"
 #include "file_io.h"
 #include "gate.h"
@@ -93,6 +95,19 @@ struct PyWriteJob {
   uint32_t file;
   int codec, level, shuffle;
 };
+
+// (n, 4) uint64 rows [src, len, offset, chunk] -> pieces, FormatError on a bad shape.
+std::vector<crcmath::Piece> to_pieces(
+    const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& rows) {
+  if (rows.ndim() != 2 || rows.shape(1) != 4) raise_format("pieces must be an (n, 4) uint64 array");
+  std::vector<crcmath::Piece> pieces(static_cast<size_t>(rows.shape(0)));
+  const uint64_t* r = rows.data();
+  for (size_t i = 0; i < pieces.size(); ++i, r += 4) {
+    if (r[3] > UINT32_MAX) raise_format("piece chunk index too large");
+    pieces[i] = crcmath::Piece{r[0], r[1], r[2], static_cast<uint32_t>(r[3])};
+  }
+  return pieces;
+}
 
 struct PyReadJob {
   ChunkRecord rec;
@@ -275,9 +290,24 @@ PYBIND11_MODULE(_native, m) {
       .def(
           "write",
           [](Writer& w, const std::vector<std::string>& paths, const std::vector<PyWriteJob*>& pj,
-             bool fsync, Gate* gate) {
+             bool fsync, Gate* gate, const py::object& known_crcs, const py::object& known_flags,
+             bool check_known) {
             std::vector<py::buffer_info> held;  // released with the GIL held (declared first)
-            held.reserve(pj.size());
+            held.reserve(pj.size() + 2);
+            const uint32_t* known = nullptr;
+            const uint8_t* flags = nullptr;
+            if (known_crcs.is_none() != known_flags.is_none())
+              raise_format("known_crcs and known_flags go together");
+            if (!known_crcs.is_none()) {
+              held.push_back(request(known_crcs, false, "known_crcs"));
+              if (held.back().itemsize != 4 || nbytes(held.back()) != 4 * pj.size())
+                raise_format("known_crcs must hold one 4-byte word per job");
+              known = static_cast<const uint32_t*>(held.back().ptr);
+              held.push_back(request(known_flags, false, "known_flags"));
+              if (held.back().itemsize != 1 || nbytes(held.back()) != pj.size())
+                raise_format("known_flags must hold one byte per job");
+              flags = static_cast<const uint8_t*>(held.back().ptr);
+            }
             std::vector<WriteJob> jobs(pj.size());
             for (size_t i = 0; i < pj.size(); ++i) {
               if (!pj[i]) raise_format("jobs must not contain None");
@@ -288,12 +318,18 @@ PYBIND11_MODULE(_native, m) {
               jobs[i].codec = pj[i]->codec;
               jobs[i].level = pj[i]->level;
               jobs[i].shuffle = pj[i]->shuffle;
+              if (known) {
+                jobs[i].known_crc = known + i;
+                jobs[i].known_flag = flags + i;
+              }
             }
             py::gil_scoped_release nogil;
-            return w.write(paths, jobs, fsync, gate);
+            return w.write(paths, jobs, fsync, gate, check_known);
           },
           py::arg("paths"), py::arg("jobs"), py::arg("fsync") = true,
-          py::arg("gate") = py::none());
+          py::arg("gate") = py::none(), py::arg("known_crcs") = py::none(),
+          py::arg("known_flags") = py::none(),
+          py::arg("check_known") = false);
 
   py::class_<PyReadJob>(m, "ReadJob")
       .def(py::init([](const py::object& file, const py::object& offset, const py::object& length,
@@ -360,6 +396,45 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("fsync_dir", &fsync_dir, py::arg("path"), py::call_guard<py::gil_scoped_release>());
   m.def("fsync_file", &fsync_path, py::arg("path"), py::call_guard<py::gil_scoped_release>());
+  using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+  m.def(
+      "crc32c_pieces",
+      [](const U64Array& pieces, const std::vector<uint64_t>& chunk_lens, uint64_t segment) {
+        std::vector<crcmath::Piece> p = to_pieces(pieces);
+        py::gil_scoped_release nogil;
+        return crc32c_pieces(p, chunk_lens, segment);
+      },
+      py::arg("pieces"), py::arg("chunk_lens"), py::arg("segment") = 16384);
+  m.def("cuda_crc_load", &cuda_crc::load, py::arg("path"), py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_crc_path", []() -> std::optional<std::string> {
+    std::string p = cuda_crc::loaded_path();
+    if (p.empty()) return std::nullopt;
+    return p;
+  });
+  m.def("cuda_device_count", &cuda_crc::device_count, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "cuda_crc32c_pieces",
+      [](const U64Array& pieces, const std::vector<uint64_t>& chunk_lens, const py::object& out,
+         uint64_t segment, uintptr_t stream, int device) {
+        std::vector<crcmath::Piece> p = to_pieces(pieces);
+        py::buffer_info o = request(out, true, "out");
+        if (o.itemsize != 4 || nbytes(o) != 4 * chunk_lens.size())
+          raise_format("out must hold one 4-byte word per chunk");
+        auto* words = static_cast<uint32_t*>(o.ptr);
+        py::gil_scoped_release nogil;
+        cuda_crc::launch(p, chunk_lens, words, segment, stream, device);
+      },
+      py::arg("pieces"), py::arg("chunk_lens"), py::arg("out"), py::arg("segment"),
+      py::arg("stream"), py::arg("device"));
+  m.def(
+      "cuda_crc32c_pieces_host",
+      [](const U64Array& pieces, const std::vector<uint64_t>& chunk_lens, uint64_t segment) {
+        std::vector<crcmath::Piece> p = to_pieces(pieces);
+        py::gil_scoped_release nogil;
+        return cuda_crc::host_reference(p, chunk_lens, segment);
+      },
+      py::arg("pieces"), py::arg("chunk_lens"), py::arg("segment") = 16384);
+
   m.def(
       "write_file_durable",
       [](const std::string& path, const py::object& data) {

@@ -162,10 +162,25 @@ void validate(const std::vector<std::string>& paths, const std::vector<WriteJob>
     throw CodecError("codec zstd requested but zstd is not loaded (call zstd_load)");
 }
 
+// The raw crc of job i: the known one (checked against the host's when asked), else none.
+bool known_raw_crc(const WriteJob& j, size_t i, bool check, uint32_t* out) {
+  if (!j.known_crc || !j.known_flag || !*j.known_flag) return false;
+  *out = *j.known_crc;
+  if (check) {
+    const uint32_t host = crc32c(0, j.src, j.len);
+    if (host != *out)
+      throw ChecksumError("write job " + std::to_string(i) + ": the known crc32c " +
+                              std::to_string(*out) + " differs from the host's " + std::to_string(host),
+                          "", 0, static_cast<int64_t>(i));
+  }
+  return true;
+}
+
 }  // namespace
 
 std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
-                                       const std::vector<WriteJob>& jobs, bool fsync, Gate* gate) {
+                                       const std::vector<WriteJob>& jobs, bool fsync, Gate* gate,
+                                       bool check_known) {
   validate(paths, jobs);
   const bool have_zstd = zstd::loaded();
 
@@ -202,15 +217,17 @@ std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
       else
         codec = kCodecZstd;  // small: compress it whole, keep raw if that does not help
     }
+    const bool known = known_raw_crc(j, i, check_known, &r.raw_crc32c);
     if (codec == kCodecRaw) {
       r.codec = kCodecRaw;
       r.shuffle = 0;
-      r.offset = store_raw(f, s, src, j.len, &r.crc32c, false);
+      r.crc32c = r.raw_crc32c;
+      r.offset = store_raw(f, s, src, j.len, &r.crc32c, known);
       r.length = j.len;
       r.raw_crc32c = r.crc32c;
       return;
     }
-    r.raw_crc32c = crc32c(0, src, j.len);
+    if (!known) r.raw_crc32c = crc32c(0, src, j.len);
     const char* in = src;
     if (shuf) {
       char* sh = s.shuffled.ensure(j.len);
