@@ -3,10 +3,12 @@
     python -m benchmarks.bench_gpu [--gib 4] [--repeat 5] [--dir PATH]
 
 Rows: the pinned device-to-host copy floor (the same bytes, side stream, preallocated
-pinned buffer); ``save_async`` stall, eager and lazy, and time to committed; the next
+pinned buffer); ``save_async`` stall, eager and lazy, and time to committed, with chunk
+checksums on the GPU (default) and on the host (``ASYNC_CKPT_DEVICE_CRC=0``); the next
 optimizer step after a lazy save against a plain step; DCP ``async_save`` with its pinned
-stager (blocking part and total); ``torch.save`` (GPU tensors, blocking). Prints one
-markdown table and the device name. Exits 2 with a message where CUDA is unavailable.
+stager (blocking part and total); ``torch.save`` (GPU tensors, blocking); the crc32c kernel
+over the whole state against one host thread over the same bytes in pinned memory. Prints
+one markdown table and the device name. Exits 2 with a message where CUDA is unavailable.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import time
 import warnings
 from pathlib import Path
 
+import os
+
 import torch
 
-from async_ckpt import CheckpointManager, CheckpointManagerOptions
+from async_ckpt import CheckpointManager, CheckpointManagerOptions, device_crc, native
 
 TENSOR_BYTES = 128 << 20
 
@@ -53,6 +57,25 @@ def d2h_floor(tensors, pinned: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def crc_kernel(tensors) -> float:
+    """The checksum kernel alone over every tensor (one chunk each), timed on its stream."""
+    rows = [(t.data_ptr(), t.numel() * t.element_size(), 0, k) for k, t in enumerate(tensors)]
+    lens = [r[1] for r in rows]
+    out = torch.zeros(len(rows), dtype=torch.int32, pin_memory=True)
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    device_crc.launch(device_crc.pieces_array(rows), lens, out, stream, torch.cuda.current_device())
+    stream.synchronize()
+    return time.perf_counter() - t0
+
+
+def host_crc(pinned: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    native.crc32c(pinned.numpy())
+    return time.perf_counter() - t0
+
+
 def timed_step(opt) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -77,17 +100,25 @@ def main() -> int:
     rows: dict[str, list[float]] = {}
     managers = {mode: CheckpointManager(root / mode, CheckpointManagerOptions(
         snapshot=mode, compression=None, max_to_keep=1)) for mode in ("eager", "lazy")}
+    managers["eager, host checksums"] = CheckpointManager(root / "eager_host_crc", CheckpointManagerOptions(
+        snapshot="eager", compression=None, max_to_keep=1))
     for m in managers.values():
         m.save(0, state)                       # allocate the pinned pool once, untimed
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
                                           use_async_staging=False, use_non_blocking_copy=True))
+    device_crcs = device_crc.available(torch.cuda.current_device())
+    print(f"device checksums: {'on' if device_crcs else 'off (' + str(device_crc.load()) + ')'}")
     step = 1
     for rep in range(args.repeat):
         rows.setdefault("pinned D2H copy floor", []).append(d2h_floor(tensors, pinned))
         rows.setdefault("plain optimizer step", []).append(timed_step(opt))
+        if device_crcs:
+            rows.setdefault("crc32c kernel over the state", []).append(crc_kernel(tensors))
+        rows.setdefault("host crc32c over the state (1 thread, pinned)", []).append(host_crc(pinned))
         for mode, mgr in managers.items():
+            os.environ[device_crc.ENV] = "0" if "host" in mode else "1"
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             handle = mgr.save_async(step, state)

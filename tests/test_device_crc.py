@@ -11,32 +11,24 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from async_ckpt import ChecksumError, CheckpointError, FormatError, device_crc, native
+from native_helpers import chunk_pieces_with_gaps
 
 _native = native._native
 
 
 def split_into_pieces(data: np.ndarray, cuts: list[int], gaps: list[int], chunk_len: int):
-    """Chunks of ``chunk_len`` over ``data``, pieces cut at ``cuts``, bytes in ``gaps`` zeroed and
-    left uncovered. Returns (staged bytes, pieces rows, chunk lengths)."""
+    """Chunks of ``chunk_len`` over ``data``, pieces also cut at ``cuts``, bytes at ``gaps`` zeroed
+    and left uncovered. Returns (staged bytes, pieces rows, chunk lengths)."""
     staged = data.copy()
     staged[gaps] = 0
-    covered = np.ones(len(data), bool)
-    covered[gaps] = False
-    bounds = sorted(set([0, len(data)] + list(cuts) + list(range(0, len(data), chunk_len))))
-    rows = []
-    base = staged.ctypes.data
-    for a, b in zip(bounds, bounds[1:]):
-        chunk = a // chunk_len
-        run_start = None
-        for pos in range(a, b + 1):      # maximal covered runs inside [a, b)
-            inside = pos < b and covered[pos]
-            if inside and run_start is None:
-                run_start = pos
-            if not inside and run_start is not None:
-                rows.append((base + run_start, pos - run_start, run_start - chunk * chunk_len, chunk))
-                run_start = None
-    lens = [min(chunk_len, len(data) - s) for s in range(0, len(data), chunk_len)]
-    return staged, np.array(rows, dtype=np.uint64).reshape(-1, 4), lens
+    rows, lens = chunk_pieces_with_gaps(staged.ctypes.data, len(data), chunk_len, gaps)
+    cut_rows = []
+    for addr, n, off, chunk in rows:          # split further at the cuts (pieces may abut)
+        a = addr - staged.ctypes.data
+        inner = sorted(c for c in set(cuts) if a < c < a + n)
+        for x, y in zip([a] + inner, inner + [a + n]):
+            cut_rows.append((staged.ctypes.data + x, y - x, off + x - a, chunk))
+    return staged, np.array(cut_rows, dtype=np.uint64).reshape(-1, 4), lens
 
 
 def host_crcs(staged: np.ndarray, chunk_len: int) -> list[int]:
