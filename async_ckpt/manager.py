@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -49,6 +49,7 @@ class SaveResult:
     stored_bytes: int
     stall_seconds: float
     seconds_to_commit: float     # from the save_async call to the commit
+    linked_bytes: int = 0        # unchanged frozen parameters hard-linked from the previous step
 
 
 class SaveHandle:
@@ -80,7 +81,14 @@ class SaveHandle:
             self._manager._consume_error(self._future)
             raise
         return SaveResult(info.step, info.path, info.raw_bytes, info.stored_bytes,
-                          self.stall_seconds, finished - self._started)
+                          self.stall_seconds, finished - self._started, info.linked_bytes)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class CheckpointManager:
@@ -112,6 +120,7 @@ class CheckpointManager:
         self._abandoned: set[cf.Future] = set()   # saves whose copy failed; error already raised
         self._last_step: Optional[int] = None     # highest step queued or committed
         self._committed: dict[int, dict[str, float]] = {}   # step → metrics
+        self._reuse = None    # storage.FrozenFile of the last commit; commit thread only
         self._closed = False
         if o.cleanup_leftovers:
             for leftover in layout.find_leftovers(self.directory):
@@ -194,7 +203,8 @@ class CheckpointManager:
             raise ValueError(f"'{RNG_ITEM}' is reserved for the random states async_ckpt saves itself")
         if self.options.save_rng:
             full_state[RNG_ITEM] = rng.capture()
-        plan = plan_save(full_state, self.options.chunk_bytes)   # TypeError names a bad path
+        # TypeError names a bad path
+        plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen)
         lazy = self.options.snapshot == "lazy"
         deferred = self._arm_fence(state, plan) if lazy else frozenset()
         self._slots.acquire()
@@ -280,7 +290,11 @@ class CheckpointManager:
     def _write_in_background(self, step: int, snapshot, metrics: dict[str, float], created: float
                              ) -> tuple[CommitInfo, float]:
         try:
+            reuse = snapshot.reuse = self._reuse
             info = write_snapshot_and_commit(self.directory, step, snapshot, self._storage, metrics, created)
+            self._reuse = self._storage.reuse_candidate(info.path, info.files, info.chunks, snapshot.plan)
+            if reuse is not None and self._reuse is not None and _same_file(reuse.path, self._reuse.path):
+                info = replace(info, linked_bytes=self._reuse.size)
         except BaseException as e:
             raise SaveError(f"saving step {step} failed: {e}", step) from e
         finally:

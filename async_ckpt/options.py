@@ -62,6 +62,10 @@ class CheckpointManagerOptions:
     still writing, ``save_async`` blocks. ``snapshot="lazy"`` returns from ``save_async``
     before the copy to host memory is finished and fences the next optimizer step instead.
     ``handle_sigterm`` lets queued saves commit before the process stops on SIGTERM.
+    ``reuse_frozen`` keeps parameters with ``requires_grad=False`` in a data file of their
+    own and hard-links it from the previous step while they are unchanged (same memory,
+    version counters and chunk crc32c), so a frozen backbone is written once per process;
+    ``False`` writes every byte of every step.
     """
 
     max_to_keep: Optional[int] = 3
@@ -79,6 +83,7 @@ class CheckpointManagerOptions:
     save_rng: bool = True
     cleanup_leftovers: bool = True
     handle_sigterm: bool = True
+    reuse_frozen: bool = True
 
     def __post_init__(self) -> None:
         if self.max_to_keep is not None and self.max_to_keep < 1:

@@ -71,6 +71,10 @@ class SavePlan:
     parts: tuple[tuple[tuple[int, int, int], ...], ...]   # per array: (chunk, offset, length)
     staging_bytes: int
     chunk_ends: tuple[int, ...] = ()                 # staging end offset of each chunk, ascending
+    # Chunks [frozen_from, len(chunks)) hold only frozen parameters (requires_grad=False), laid
+    # out last so storage can keep them in a file of their own and reuse it while unchanged.
+    frozen_from: int = -1
+    frozen_signature: tuple = ()                     # (address, version, nbytes) of each, in order
 
     @property
     def raw_bytes(self) -> int:
@@ -89,8 +93,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def plan_save(state: Mapping[str, Any], chunk_bytes: int,
-              item_meta: Optional[Mapping[str, ItemEntry]] = None) -> SavePlan:
+              item_meta: Optional[Mapping[str, ItemEntry]] = None, separate_frozen: bool = True) -> SavePlan:
     """Encode ``state`` and lay its arrays out in staging memory and chunks.
+
+    With ``separate_frozen``, parameters with ``requires_grad=False`` of the modules in
+    ``state`` are laid out last, from chunk ``frozen_from`` on (storage may reuse them).
 
     Raises TypeError naming the path of any value the format cannot hold.
     """
@@ -104,10 +111,16 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
         meta = (item_meta or {}).get(name)
         items[name] = meta or ItemEntry(item_kind(name, value), _type_name(value))
     tree, arrays = encode_tree(dict(state))
+    frozen = _frozen_parameters(state) if separate_frozen else {}
+    is_frozen = [isinstance(r.value, torch.Tensor) and r.nbytes > 0 and frozen.get(_key(r.value)) is not None
+                 for r in arrays]
+    order = [i for i in range(len(arrays)) if not is_frozen[i]]
+    tail = [i for i in range(len(arrays)) if is_frozen[i]]
 
-    offsets: list[int] = []
+    offsets: list[int] = [0] * len(arrays)
     chunks: list[ChunkPlan] = []
-    parts: list[tuple[tuple[int, int, int], ...]] = []
+    parts: list[tuple[tuple[int, int, int], ...]] = [()] * len(arrays)
+    frozen_from = -1
     cursor = 0
     slab_start = 0        # start of the open slab chunk
     slab_sizes: set[int] = set()
@@ -127,32 +140,53 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
         cursor = -(-cursor // CHUNK_ALIGN) * CHUNK_ALIGN
         slab_start = cursor
 
-    for ref in arrays:
+    for pos, i in enumerate(order + tail):
+        ref = arrays[i]
+        if pos == len(order):
+            start_chunk()                 # the frozen tail starts a chunk of its own
+            frozen_from = len(chunks)
         cursor = -(-cursor // ALIGN) * ALIGN
         itemsize = _itemsize(ref)
         if ref.nbytes == 0:
-            offsets.append(cursor)
-            parts.append(())
+            offsets[i] = cursor
             continue
         if ref.nbytes > chunk_bytes:
             # A large array gets chunks of its own so restore can decode straight into it.
             start_chunk()
-            offsets.append(cursor)
+            offsets[i] = cursor
             own = []
             for piece in range(0, ref.nbytes, chunk_bytes):
                 length = min(chunk_bytes, ref.nbytes - piece)
                 own.append((len(chunks), 0, length))
                 chunks.append(ChunkPlan(cursor + piece, length, itemsize if itemsize in (2, 4, 8) else 0))
-            parts.append(tuple(own))
+            parts[i] = tuple(own)
             cursor += ref.nbytes
             slab_start = cursor
             continue
         if cursor + ref.nbytes - slab_start > chunk_bytes:
             start_chunk()
-        offsets.append(cursor)
-        parts.append(((len(chunks), cursor - slab_start, ref.nbytes),))
+        offsets[i] = cursor
+        parts[i] = ((len(chunks), cursor - slab_start, ref.nbytes),)
         slab_sizes.add(itemsize)
         cursor += ref.nbytes
     close_slab(cursor)
+    signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
     return SavePlan(tree, items, tuple(arrays), tuple(offsets), tuple(chunks), tuple(parts), cursor,
-                    tuple(c.start + c.length for c in chunks))
+                    tuple(c.start + c.length for c in chunks),
+                    frozen_from if tail else len(chunks), signature)
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
+def _frozen_parameters(state: Mapping[str, Any]) -> dict:
+    """Parameters with requires_grad=False of the modules in ``state``, by memory identity
+    (state_dict() hands out detached views of the same memory)."""
+    found: dict = {}
+    for value in state.values():
+        if isinstance(value, torch.nn.Module):
+            for p in value.parameters():
+                if not p.requires_grad:
+                    found[_key(p)] = p
+    return found

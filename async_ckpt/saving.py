@@ -28,6 +28,9 @@ class CommitInfo:
     raw_bytes: int
     stored_bytes: int
     write_seconds: float
+    files: tuple = ()           # FileEntry of every data file, as in the manifest
+    chunks: tuple = ()          # ChunkEntry of every chunk, as in the manifest
+    linked_bytes: int = 0       # bytes hard-linked from the previous step instead of written
 
 
 def build_manifest(step: int, snapshot: Snapshot, files, chunks, metrics: Mapping[str, float],
@@ -62,7 +65,7 @@ def write_snapshot_and_commit(root: Path, step: int, snapshot: Snapshot, storage
         remove_tree(tmp)
         raise
     return CommitInfo(step, final, snapshot.plan.raw_bytes, sum(c.length for c in chunks),
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, tuple(files), tuple(chunks))
 
 
 def write_checkpoint(root: Path, step: int, state: Mapping[str, Any], *,

@@ -93,6 +93,7 @@ class Snapshot:
         n = len(plan.chunks)
         self.known_crcs = np.zeros(n, dtype=np.uint32)  # filled by _finish for crc_known chunks
         self.crc_known = np.zeros(n, dtype=bool)
+        self.reuse = None       # storage.FrozenFile of the last commit, set by the manager's writer thread
         self._cpu_done = threading.Event()
         self._all_done = threading.Event()
         self._error: Optional[BaseException] = None
@@ -265,6 +266,12 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
                 later.append(i)
             else:
                 now.append(i)
+        # Copies advance the gate front to back: walk the staging layout in offset order
+        # (the plan puts frozen parameters last, whatever their index).
+        by_offset = plan.offsets.__getitem__
+        now.sort(key=by_offset)
+        later.sort(key=by_offset)
+        on_device.sort(key=by_offset)
         cuda_floor = float(plan.offsets[on_device[0]]) if on_device else float("inf")
         if on_device:
             from . import device_copy
