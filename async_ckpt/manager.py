@@ -107,7 +107,7 @@ class CheckpointManager:
         self._lock_fd = self._take_lock()
         o = self.options
         self._storage = storage or NativeStorage(o.io_threads, o.compression, o.compression_level, o.fsync)
-        self._pool = StagingPool()
+        self._pool = StagingPool(pinned_limit=o.max_pinned_bytes)
         self._slots = threading.BoundedSemaphore(o.max_inflight_saves)
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
         self._copier = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-snapshot")

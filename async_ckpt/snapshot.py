@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import warnings
 from concurrent.futures import Executor
 from typing import Any, Optional
 
@@ -25,15 +26,25 @@ PAGE = 4096
 
 
 class StagingPool:
-    """A small set of reusable host buffers; at most one per in-flight save."""
+    """A small set of reusable host buffers; at most one per in-flight save.
 
-    def __init__(self, pin_memory: Optional[bool] = None, slack: float = 0.125) -> None:
+    Buffers are pinned when CUDA is present, up to ``pinned_limit`` bytes in all: a buffer
+    that would pass the limit is allocated in pageable memory instead (its device-to-host
+    copies are then synchronous), with one warning.
+    """
+
+    def __init__(self, pin_memory: Optional[bool] = None, slack: float = 0.125,
+                 pinned_limit: Optional[int] = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pinned_limit = pinned_limit
         self._slack = slack
         self._free: list[torch.Tensor] = []
+        self._pinned: set[int] = set()     # data_ptr of every live pinned buffer
         self._lock = threading.Lock()
+        self._warned = False
         self.allocations = 0          # how many buffers were ever allocated (tests watch growth)
         self.allocated_bytes = 0
+        self.pinned_bytes = 0
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         with self._lock:
@@ -44,21 +55,41 @@ class StagingPool:
                 return buf
             if self._free:
                 # Too small for this state: drop the largest so memory stays bounded.
-                old = max(self._free, key=lambda b: b.numel())
-                self._free.remove(old)
-                self.allocated_bytes -= old.numel()
-        # Headroom so a state that grows a little (a new optimizer moment) reuses the buffer.
-        size = max(1, int(nbytes * (1 + self._slack)))
+                self._forget(max(self._free, key=lambda b: b.numel()))
+            # Headroom so a state that grows a little (a new optimizer moment) reuses the buffer.
+            size = max(1, int(nbytes * (1 + self._slack)))
+            pin = self.pin_memory and (self.pinned_limit is None or self.pinned_bytes + size <= self.pinned_limit)
+            warn = self.pin_memory and not pin and not self._warned
+            self._warned |= warn
+        if warn:
+            warnings.warn(f"async_ckpt: staging {size} bytes in pageable memory: max_pinned_bytes="
+                          f"{self.pinned_limit} would be exceeded, so device-to-host copies of such "
+                          "saves are synchronous", RuntimeWarning, stacklevel=3)
         # Page-aligned start: the native writer's O_DIRECT path then writes straight from the
         # buffer instead of copying every slice through an aligned bounce buffer (measured on
         # the 2-core dev VM: 0.28 -> 0.15 s of writer CPU per GiB, benchmarks/io.py).
-        base = torch.empty(size + PAGE, dtype=torch.uint8, pin_memory=self.pin_memory)
+        base = self._allocate(size + PAGE, pin)
         skip = -base.data_ptr() % PAGE
         buf = base[skip:skip + size]
         with self._lock:
             self.allocations += 1
             self.allocated_bytes += size
+            if pin:
+                self._pinned.add(buf.data_ptr())
+                self.pinned_bytes += size
         return buf
+
+    @staticmethod
+    def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+    def _forget(self, buf: torch.Tensor) -> None:
+        """Drop a free buffer (lock held)."""
+        self._free.remove(buf)
+        self.allocated_bytes -= buf.numel()
+        if buf.data_ptr() in self._pinned:
+            self._pinned.discard(buf.data_ptr())
+            self.pinned_bytes -= buf.numel()
 
     def release(self, buf: torch.Tensor) -> None:
         with self._lock:
@@ -66,9 +97,8 @@ class StagingPool:
 
     def clear(self) -> None:
         with self._lock:
-            for b in self._free:
-                self.allocated_bytes -= b.numel()
-            self._free.clear()
+            for b in list(self._free):
+                self._forget(b)
 
 
 class Snapshot:
