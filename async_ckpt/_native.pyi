@@ -15,7 +15,7 @@ class _Buffer(Protocol):  # anything exposing the buffer protocol: bytes, bytear
 
 CODEC_RAW: int   # 0
 CODEC_ZSTD: int  # 1
-CODEC_AUTO: int  # 2 -- writer only: zstd when a probe of the chunk compresses to < 90 %, else raw
+CODEC_AUTO: int  # 2 -- writer only: zstd when a probe of the chunk compresses to < 50 %, else raw
                  #      (4 x 64 KiB samples spread over the chunk; raw when zstd is not loaded)
 MAX_RAW_LENGTH: int  # 2**31: the largest chunk (raw bytes) the writer accepts and the reader decodes
 
@@ -89,13 +89,19 @@ class Writer:
     threads: int
     def __init__(self, threads: int = 4) -> None: ...
     def write(self, paths: Sequence[str], jobs: Sequence[WriteJob], fsync: bool = True,
-              gate: Gate | None = None) -> list[ChunkRecord]:
+              gate: Gate | None = None, known_crcs: _Buffer | None = None,
+              known_flags: _Buffer | None = None, check_known: bool = False) -> list[ChunkRecord]:
         """Create each path (O_EXCL: it must not exist), encode the jobs on the pool
         (raw crc, optional shuffle, compress, stored crc), append each chunk to its file
         at an offset reserved after encoding, fsync every file when asked, and return one
         record per job, in job order. On the first error the remaining jobs are abandoned,
         files are closed and the error is raised (the caller removes the directory).
-        With a gate, job i starts only once the gate has advanced past i."""
+        With a gate, job i starts only once the gate has advanced past i.
+        ``known_crcs`` (one uint32 per job) and ``known_flags`` (one byte per job) go
+        together: where flag i is non-zero, word i is job i's raw crc32c, computed elsewhere
+        (the GPU), and the writer skips its own pass; both are read only after the gate
+        released job i. ``check_known`` recomputes each such word on the host and raises
+        ChecksumError on a mismatch."""
 
 class ReadJob:
     def __init__(self, file: int, offset: int, length: int, raw_length: int, codec: int, shuffle: int,
@@ -130,3 +136,33 @@ def fsync_dir(path: str) -> None: ...
 def fsync_file(path: str) -> None: ...
 def write_file_durable(path: str, data: _Buffer) -> None:
     """Create path (O_EXCL), write all bytes (short writes, EINTR handled), fsync, close."""
+
+
+# --- chunk checksums from pieces; the optional CUDA module (csrc/cuda/) -------------------
+# ``pieces`` is an (n, 4) uint64 array of rows [address, length, offset in chunk, chunk]:
+# chunk c is chunk_lens[c] bytes, each row places ``length`` bytes read at ``address`` at
+# ``offset``, and bytes no row covers count as zeros. Rows outside their chunk, empty rows
+# and segment sizes that are not a positive multiple of 8 raise FormatError.
+
+def crc32c_pieces(pieces: _Buffer, chunk_lens: Sequence[int], segment: int = 16384) -> list[int]:
+    """crc32c of each chunk, assembled segment by segment on the host (the reference of the
+    GPU kernel; addresses are host addresses the caller keeps alive)."""
+
+def cuda_crc_load(path: str) -> None:
+    """dlopen the CUDA module at ``path`` and check its ABI; CheckpointError otherwise.
+    Idempotent for one path; a second, different path is refused."""
+
+def cuda_crc_path() -> str | None:
+    """The loaded CUDA module, or None."""
+
+def cuda_device_count() -> int:
+    """CUDA devices the module's runtime sees; CheckpointError naming the CUDA reason."""
+
+def cuda_crc32c_pieces(pieces: _Buffer, chunk_lens: Sequence[int], out: _Buffer, segment: int,
+                       stream: int, device: int) -> None:
+    """Queue the chunk checksums on ``stream`` (a cudaStream_t of ``device``); ``out`` (pinned,
+    one 4-byte word per chunk) holds them once the stream reaches this point. Addresses
+    are device addresses that must stay valid and unchanged until then."""
+
+def cuda_crc32c_pieces_host(pieces: _Buffer, chunk_lens: Sequence[int], segment: int = 16384) -> list[int]:
+    """The CUDA module's host build of the same computation (checks nvcc's arithmetic)."""

@@ -4,7 +4,7 @@
 # against it. Python itself is not instrumented, so libasan is LD_PRELOADed; leak checking
 # is off (CPython keeps its arenas), everything else aborts on the first report.
 #
-#   tools/asan_build.sh                  # build + run tests/test_native.py test_native_io.py test_fuzz.py test_gate.py
+#   tools/asan_build.sh                  # build + run the native, fuzz, gate and device-crc tests
 #   tools/asan_build.sh tests/test_x.py  # build + run other tests against the ASan build
 #   ASAN_SKIP_BUILD=1 tools/asan_build.sh ...   # reuse build/asan
 #
@@ -28,13 +28,15 @@ if [[ "${ASAN_SKIP_BUILD:-0}" != "1" ]]; then
   rm -rf "$OUT/lib" "$OUT/tmp" "$OUT/pkg"
   mkdir -p "$OUT/lib" "$OUT/tmp"
   (cd "$REPO" && CC="$CC_BIN" CXX="${CXX:-g++}" CFLAGS="$SAN" CXXFLAGS="$SAN" LDFLAGS="$SAN" \
-     ASYNC_CKPT_DEBUG=1 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" \
+     ASYNC_CKPT_DEBUG=1 ASYNC_CKPT_CUDA=0 "$PY" setup.py -q build_ext --build-lib "$OUT/lib" --build-temp "$OUT/tmp" \
      > "$OUT/build.log" 2>&1) || { tail -50 "$OUT/build.log" >&2; exit 2; }
   mkdir -p "$OUT/pkg/async_ckpt"
   for f in "$REPO"/async_ckpt/*.py "$REPO"/async_ckpt/*.pyi "$REPO"/async_ckpt/py.typed; do
     ln -s "$f" "$OUT/pkg/async_ckpt/$(basename "$f")"
   done
   cp "$OUT"/lib/async_ckpt/_native*.so "$OUT/pkg/async_ckpt/"
+  # The CUDA module (not instrumented; nvcc ignores the sanitizer flags) from the normal build.
+  cp "$REPO"/async_ckpt/_cuda_crc*.so "$OUT/pkg/async_ckpt/" 2>/dev/null || true
 fi
 
 # libstdc++ must be loaded when ASan initialises, or its __cxa_throw interceptor finds no
@@ -59,7 +61,7 @@ if [[ $# -eq 0 ]]; then
   # test_pools_work_in_a_forked_child forks while native pools run: under ASan that deadlocks
   # in the sanitizer's allocator (google/sanitizers issue 774), not in our code.
   set -- "$REPO/tests/test_native.py" "$REPO/tests/test_native_io.py" "$REPO/tests/test_fuzz.py" \
-         "$REPO/tests/test_gate.py" \
+         "$REPO/tests/test_gate.py" "$REPO/tests/test_device_crc.py" "$REPO/tests/test_device_copy.py" \
          -k "not test_pools_work_in_a_forked_child"
 fi
 args=()
