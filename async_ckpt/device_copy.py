@@ -36,6 +36,7 @@ class CudaMark:
     front: float
     crcs: Any = None
     chunks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    keep: Any = None        # pinned memory the stream still reads until ``event``
 
 
 def plan_groups(plan: SavePlan, indices: Sequence[int], group_bytes: int = GROUP_BYTES) -> list[list[int]]:
@@ -156,35 +157,36 @@ def enqueue(plan: SavePlan, host: np.ndarray, indices: Sequence[int], destinatio
             # The caching allocator must not hand this memory to the training stream until
             # the side stream has read it.
             src.record_stream(stream)
-        crcs, chunks = None, np.asarray(checked[g], dtype=np.int64)
+        crcs, keep, chunks = None, None, np.asarray(checked[g], dtype=np.int64)
         if len(chunks) and use_crc:
-            crcs = _launch_crc(plan, host, chunks, group, sources, first, devices[0])
-            if crcs is None:
+            launched = _launch_crc(plan, host, chunks, group, sources, first, devices[0])
+            if launched is None:
                 use_crc, chunks = False, np.zeros(0, np.int64)
+            else:
+                crcs, keep = launched
         for s in list(streams.values())[1:]:
             first.wait_stream(s)
         event = torch.cuda.Event()
         event.record(first)
         front = plan.offsets[groups[g + 1][0]] if g + 1 < len(groups) else float("inf")
-        marks.append(CudaMark(event, front, crcs, chunks))
+        marks.append(CudaMark(event, front, crcs, chunks, keep))
     return marks
 
 
 def _launch_crc(plan: SavePlan, host: np.ndarray, chunks: np.ndarray, group: Sequence[int],
                 sources: dict, stream, device: int):
-    """Queue the device checksums of ``chunks``; None (and the device path off) on failure."""
+    """Queue the device checksums of ``chunks``: (words, workspace), or None (and the device
+    path off) on failure."""
     import torch
     from . import device_crc
 
     rows, gaps = chunk_pieces(plan, chunks.tolist(), group, {i: sources[i].data_ptr() for i in group})
     for a, b in gaps:        # alignment padding between arrays counts as zeros on both sides
         host[a:b] = 0
-    out = torch.empty(len(chunks), dtype=torch.int32, pin_memory=True)
     try:
-        device_crc.launch(device_crc.pieces_array(rows), [plan.chunks[c].length for c in chunks], out,
-                          stream, device)
+        return device_crc.launch(device_crc.pieces_array(rows), [plan.chunks[c].length for c in chunks],
+                                 stream, device)
     except Exception as exc:
         device_crc.disable(device, str(exc))
         return None
-    return out
 

@@ -74,12 +74,22 @@ def pieces_array(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
     return np.asarray(rows, dtype=np.uint64).reshape(-1, 4)
 
 
-def launch(pieces: np.ndarray, chunk_lens: list[int], out, stream, device: int) -> None:
-    """Queue the checksums of chunks built from ``pieces`` on ``stream``; ``out`` (a pinned
-    uint32/int32 tensor of len(chunk_lens) words) holds them once the stream gets there."""
+def launch(pieces: np.ndarray, chunk_lens: list[int], stream, device: int):
+    """Queue the checksums of chunks built from ``pieces`` on ``stream`` (never waits for it).
+
+    Returns ``(words, workspace)``: two pinned tensors, ``words`` holding one int32 per chunk
+    once the stream gets past this point. Both must stay referenced until then (torch's
+    pinned allocator does not know this stream uses them).
+    """
+    import torch
     from . import native
-    native._native.cuda_crc32c_pieces(pieces, chunk_lens, out.numpy(), SEGMENT, stream.cuda_stream,
-                                      device)
+    n = len(chunk_lens)
+    words = torch.empty(n, dtype=torch.int32, pin_memory=True)
+    workspace = torch.empty(native._native.cuda_crc_workspace_bytes(len(pieces), n), dtype=torch.uint8,
+                            pin_memory=True)
+    native._native.cuda_crc32c_pieces(pieces, chunk_lens, words.numpy(), workspace.numpy(), SEGMENT,
+                                      stream.cuda_stream, device)
+    return words, workspace
 
 
 def available(device: int) -> bool:
@@ -126,10 +136,9 @@ def _self_test(device: int) -> Optional[str]:
             on_device = host.to(f"cuda:{device}")
             stream = torch.cuda.Stream(device=device)
             stream.wait_stream(torch.cuda.current_stream(device))
-            out = torch.zeros(2, dtype=torch.int32, pin_memory=True)
             base = on_device.data_ptr()
             pieces = pieces_array([(base + a, n, off, c) for a, n, off, c in rows])
-            launch(pieces, chunk_lens, out, stream, device)
+            out, _ = launch(pieces, chunk_lens, stream, device)
             stream.synchronize()
         got = [int(w) for w in out.numpy().view(np.uint32)]
         if got != expected:

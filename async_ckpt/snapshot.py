@@ -162,6 +162,7 @@ class Snapshot:
             if mark.crcs is not None:   # words first, flags second, then the gate
                 self.known_crcs[mark.chunks] = mark.crcs.numpy().view(np.uint32)
                 self.crc_known[mark.chunks] = True
+            mark.keep = None                 # the stream is past it: pinned memory may go
             if self.gate is not None:
                 self.gate.advance(bisect.bisect_right(ends, mark.front))
         if self.gate is not None:

@@ -415,17 +415,22 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "cuda_crc32c_pieces",
       [](const U64Array& pieces, const std::vector<uint64_t>& chunk_lens, const py::object& out,
-         uint64_t segment, uintptr_t stream, int device) {
+         const py::object& workspace, uint64_t segment, uintptr_t stream, int device) {
         std::vector<crcmath::Piece> p = to_pieces(pieces);
         py::buffer_info o = request(out, true, "out");
         if (o.itemsize != 4 || nbytes(o) != 4 * chunk_lens.size())
           raise_format("out must hold one 4-byte word per chunk");
+        py::buffer_info w = request(workspace, true, "workspace");
         auto* words = static_cast<uint32_t*>(o.ptr);
+        void* ws = w.ptr;
+        const size_t ws_len = nbytes(w);
         py::gil_scoped_release nogil;
-        cuda_crc::launch(p, chunk_lens, words, segment, stream, device);
+        cuda_crc::launch(p, chunk_lens, words, segment, stream, device, ws, ws_len);
       },
-      py::arg("pieces"), py::arg("chunk_lens"), py::arg("out"), py::arg("segment"),
-      py::arg("stream"), py::arg("device"));
+      py::arg("pieces"), py::arg("chunk_lens"), py::arg("out"), py::arg("workspace"),
+      py::arg("segment"), py::arg("stream"), py::arg("device"));
+  m.def("cuda_crc_workspace_bytes", &cuda_crc::workspace_bytes, py::arg("n_pieces"),
+        py::arg("n_chunks"));
   m.def(
       "cuda_crc32c_pieces_host",
       [](const U64Array& pieces, const std::vector<uint64_t>& chunk_lens, uint64_t segment) {

@@ -12,14 +12,15 @@ namespace ackpt {
 namespace cuda_crc {
 namespace {
 
-constexpr int kAbiVersion = 1;  // ACKPT_CUDA_ABI_VERSION in csrc/cuda/crc32c_device.h
+constexpr int kAbiVersion = 2;  // ACKPT_CUDA_ABI_VERSION in csrc/cuda/crc32c_device.h
 
 struct Api {
   std::string path;
   const char* (*error_string)(int);
   int (*device_count)(int*);
+  size_t (*workspace_bytes)(uint32_t, uint32_t);
   int (*pieces)(const crcmath::Piece*, uint32_t, const uint64_t*, uint32_t, uint32_t*, uint64_t,
-                void*, int);
+                void*, int, void*, size_t);
   int (*pieces_host)(const crcmath::Piece*, uint32_t, const uint64_t*, uint32_t, uint32_t*, uint64_t);
 };
 
@@ -71,6 +72,7 @@ void load(const std::string& path) {
                   ", the core expects " + std::to_string(kAbiVersion) + " (rebuild the package)");
     sym(h, "ackpt_cuda_error_string", a->error_string, path);
     sym(h, "ackpt_cuda_device_count", a->device_count, path);
+    sym(h, "ackpt_cuda_workspace_bytes", a->workspace_bytes, path);
     sym(h, "ackpt_cuda_crc32c_pieces", a->pieces, path);
     sym(h, "ackpt_cuda_crc32c_pieces_host", a->pieces_host, path);
   } catch (...) {
@@ -93,14 +95,23 @@ int device_count() {
   return n;
 }
 
+size_t workspace_bytes(size_t n_pieces, size_t n_chunks) {
+  if (n_pieces > UINT32_MAX || n_chunks > UINT32_MAX) throw FormatError("too many pieces or chunks");
+  return api().workspace_bytes(static_cast<uint32_t>(n_pieces), static_cast<uint32_t>(n_chunks));
+}
+
 void launch(const std::vector<crcmath::Piece>& pieces, const std::vector<uint64_t>& chunk_lens,
-            uint32_t* out_host, uint64_t segment, uintptr_t stream, int device) {
+            uint32_t* out_host, uint64_t segment, uintptr_t stream, int device, void* workspace,
+            size_t workspace_len) {
   check_pieces(pieces, chunk_lens, segment);
   check_sizes(pieces, chunk_lens);
   const Api& a = api();
+  if (workspace_len < a.workspace_bytes(static_cast<uint32_t>(pieces.size()),
+                                        static_cast<uint32_t>(chunk_lens.size())))
+    throw FormatError("workspace is smaller than cuda_crc_workspace_bytes()");
   if (const int rc = a.pieces(pieces.data(), static_cast<uint32_t>(pieces.size()), chunk_lens.data(),
                               static_cast<uint32_t>(chunk_lens.size()), out_host, segment,
-                              reinterpret_cast<void*>(stream), device))
+                              reinterpret_cast<void*>(stream), device, workspace, workspace_len))
     fail(a, "CUDA checksum launch failed", rc);
 }
 

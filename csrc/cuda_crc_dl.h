@@ -2,6 +2,7 @@
 // never links CUDA: a machine without a GPU, a driver or nvcc imports and works unchanged.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -22,10 +23,15 @@ std::string loaded_path();
 // (no driver, driver older than the runtime, ...).
 int device_count();
 
+// Pinned workspace bytes `launch` needs for these counts.
+size_t workspace_bytes(size_t n_pieces, size_t n_chunks);
+
 // Queues the chunk checksums on `stream` of `device`; out_host receives n_chunks words
-// (ackpt_cuda_crc32c_pieces in csrc/cuda/crc32c_device.h). Error when the launch fails.
+// (ackpt_cuda_crc32c_pieces in csrc/cuda/crc32c_device.h). `workspace` is pinned host memory
+// that must stay untouched until the stream gets there. Error when the launch fails.
 void launch(const std::vector<crcmath::Piece>& pieces, const std::vector<uint64_t>& chunk_lens,
-            uint32_t* out_host, uint64_t segment, uintptr_t stream, int device);
+            uint32_t* out_host, uint64_t segment, uintptr_t stream, int device, void* workspace,
+            size_t workspace_len);
 
 // The module's host build of the same computation (pieces hold host addresses).
 std::vector<uint32_t> host_reference(const std::vector<crcmath::Piece>& pieces,

@@ -110,8 +110,8 @@ def test_without_a_gpu_the_device_path_reports_why_and_stays_off():
     with pytest.raises(CheckpointError, match="no usable CUDA device"):
         _native.cuda_device_count()
     with pytest.raises(CheckpointError):
-        out = np.zeros(1, np.uint32)
-        _native.cuda_crc32c_pieces(np.array([(1 << 40, 8, 0, 0)], np.uint64), [8], out, 16384, 0, 0)
+        out, workspace = np.zeros(1, np.uint32), np.zeros(_native.cuda_crc_workspace_bytes(1, 1), np.uint8)
+        _native.cuda_crc32c_pieces(np.array([(1 << 40, 8, 0, 0)], np.uint64), [8], out, workspace, 16384, 0, 0)
 
 
 def test_mode_follows_the_environment(monkeypatch):
@@ -179,3 +179,13 @@ def test_known_crc_arguments_are_validated(tmp_path):
     with pytest.raises(FormatError, match="one byte per job"):
         writer.write(path, jobs, True, None, np.zeros(1, np.uint32), np.zeros(2, np.uint8))
     assert not (tmp_path / "f.bin").exists()
+
+
+@needs_module
+def test_launch_refuses_a_workspace_too_small_before_touching_cuda():
+    assert device_crc.load() is None
+    need = _native.cuda_crc_workspace_bytes(3, 2)
+    assert need == 32 * 3 + 8 * 4 + 8 * 2          # pieces | segment prefix | chunk lengths
+    with pytest.raises(FormatError, match="workspace is smaller"):
+        _native.cuda_crc32c_pieces(np.array([(1 << 40, 8, 0, 0)], np.uint64), [8], np.zeros(1, np.uint32),
+                                   np.zeros(_native.cuda_crc_workspace_bytes(1, 1) - 1, np.uint8), 16384, 0, 0)

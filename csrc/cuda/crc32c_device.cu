@@ -114,10 +114,10 @@ int check_args(const Piece* pieces, uint32_t n_pieces, const uint64_t* chunk_len
   return 0;
 }
 
-std::vector<uint64_t> segment_prefix(const Piece* pieces, uint32_t n_pieces, uint64_t segment) {
-  std::vector<uint64_t> prefix(n_pieces + 1, 0);
-  for (uint32_t i = 0; i < n_pieces; ++i) prefix[i + 1] = prefix[i] + (pieces[i].len + segment - 1) / segment;
-  return prefix;
+// Workspace layout (caller-provided pinned host memory, then one device allocation):
+// pieces | segment prefix (n_pieces + 1) | chunk lengths. The device copy adds the words.
+size_t args_bytes(uint32_t n_pieces, uint32_t n_chunks) {
+  return sizeof(Piece) * n_pieces + sizeof(uint64_t) * (n_pieces + 1) + sizeof(uint64_t) * n_chunks;
 }
 
 }  // namespace
@@ -136,43 +136,51 @@ int ackpt_cuda_device_count(int* count) {
   return static_cast<int>(cudaGetDeviceCount(count));
 }
 
+size_t ackpt_cuda_workspace_bytes(uint32_t n_pieces, uint32_t n_chunks) {
+  return args_bytes(n_pieces, n_chunks);
+}
+
 int ackpt_cuda_crc32c_pieces(const Piece* pieces, uint32_t n_pieces, const uint64_t* chunk_lens,
                              uint32_t n_chunks, uint32_t* out_host, uint64_t segment, void* stream,
-                             int device) {
+                             int device, void* workspace, size_t workspace_bytes) {
   if (const int bad = check_args(pieces, n_pieces, chunk_lens, n_chunks, segment)) return bad;
   if (device < 0 || device >= kMaxDevices) return ACKPT_CUDA_EINVAL;
+  const size_t arg_bytes = args_bytes(n_pieces, n_chunks);
+  if (!workspace || workspace_bytes < arg_bytes) return ACKPT_CUDA_EINVAL;
   DeviceGuard guard;
   cudaError_t e = guard.set(device);
   if (e == cudaSuccess) e = ensure_tables(device);
   if (e != cudaSuccess) return static_cast<int>(e);
 
+  // Arguments are packed into the caller's pinned workspace: a copy from pageable memory
+  // may synchronise with the stream, which would make the caller wait for the very
+  // device-to-host copies queued before this call.
   const auto s = static_cast<cudaStream_t>(stream);
-  const std::vector<uint64_t> prefix = segment_prefix(pieces, n_pieces, segment);
-  // One device allocation, stream-ordered: pieces | segment prefix | chunk lengths | words.
+  char* ws = static_cast<char*>(workspace);
   const size_t pieces_bytes = sizeof(Piece) * n_pieces;
-  const size_t prefix_bytes = sizeof(uint64_t) * prefix.size();
-  const size_t lens_bytes = sizeof(uint64_t) * n_chunks;
+  const size_t prefix_bytes = sizeof(uint64_t) * (n_pieces + 1);
   const size_t words_bytes = sizeof(uint32_t) * n_chunks;
-  std::vector<char> host(pieces_bytes + prefix_bytes + lens_bytes);
-  if (pieces_bytes) memcpy(host.data(), pieces, pieces_bytes);
-  memcpy(host.data() + pieces_bytes, prefix.data(), prefix_bytes);
-  memcpy(host.data() + pieces_bytes + prefix_bytes, chunk_lens, lens_bytes);
+  auto* prefix = reinterpret_cast<uint64_t*>(ws + pieces_bytes);
+  if (pieces_bytes) memcpy(ws, pieces, pieces_bytes);
+  prefix[0] = 0;
+  for (uint32_t i = 0; i < n_pieces; ++i) prefix[i + 1] = prefix[i] + (pieces[i].len + segment - 1) / segment;
+  memcpy(ws + pieces_bytes + prefix_bytes, chunk_lens, sizeof(uint64_t) * n_chunks);
+  const uint64_t total_segments = prefix[n_pieces];
 
-  char* dev = nullptr;
-  e = cudaMallocAsync(reinterpret_cast<void**>(&dev), host.size() + words_bytes, s);
+  char* dev = nullptr;  // stream-ordered: arguments | words
+  e = cudaMallocAsync(reinterpret_cast<void**>(&dev), arg_bytes + words_bytes, s);
   if (e != cudaSuccess) return static_cast<int>(e);
   const auto* d_pieces = reinterpret_cast<const Piece*>(dev);
   const auto* d_prefix = reinterpret_cast<const uint64_t*>(dev + pieces_bytes);
   const auto* d_lens = reinterpret_cast<const uint64_t*>(dev + pieces_bytes + prefix_bytes);
-  auto* d_words = reinterpret_cast<uint32_t*>(dev + host.size());
+  auto* d_words = reinterpret_cast<uint32_t*>(dev + arg_bytes);
 
-  // Pageable source: the runtime stages it before returning, so `host` may die after this.
-  e = cudaMemcpyAsync(dev, host.data(), host.size(), cudaMemcpyHostToDevice, s);
+  e = cudaMemcpyAsync(dev, ws, arg_bytes, cudaMemcpyHostToDevice, s);
   if (e == cudaSuccess) e = cudaMemsetAsync(d_words, 0, words_bytes, s);
-  if (e == cudaSuccess && prefix.back() > 0) {
+  if (e == cudaSuccess && total_segments > 0) {
     int sms = 1;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    const uint64_t wanted = (prefix.back() + kThreads - 1) / kThreads;
+    const uint64_t wanted = (total_segments + kThreads - 1) / kThreads;
     const unsigned blocks = static_cast<unsigned>(wanted < uint64_t(sms) * 32 ? wanted : uint64_t(sms) * 32);
     piece_terms<<<blocks, kThreads, 0, s>>>(d_pieces, d_prefix, n_pieces, d_lens, segment, d_words);
     e = cudaGetLastError();
