@@ -290,10 +290,16 @@ class CheckpointManager:
     def _write_in_background(self, step: int, snapshot, metrics: dict[str, float], created: float
                              ) -> tuple[CommitInfo, float]:
         try:
-            reuse = snapshot.reuse = self._reuse
+            # A file shared by frozen_max_shared steps is written afresh: one bad sector then
+            # reaches a bounded number of steps, and rot is not carried forward forever.
+            reuse = self._reuse
+            if reuse is not None and reuse.shared_by >= self.options.frozen_max_shared:
+                reuse = None
+            snapshot.reuse = reuse
             info = write_snapshot_and_commit(self.directory, step, snapshot, self._storage, metrics, created)
             self._reuse = self._storage.reuse_candidate(info.path, info.files, info.chunks, snapshot.plan)
             if reuse is not None and self._reuse is not None and _same_file(reuse.path, self._reuse.path):
+                self._reuse = replace(self._reuse, shared_by=reuse.shared_by + 1)
                 info = replace(info, linked_bytes=self._reuse.size)
         except BaseException as e:
             raise SaveError(f"saving step {step} failed: {e}", step) from e

@@ -64,8 +64,9 @@ class CheckpointManagerOptions:
     ``handle_sigterm`` lets queued saves commit before the process stops on SIGTERM.
     ``reuse_frozen`` keeps parameters with ``requires_grad=False`` in a data file of their
     own and hard-links it from the previous step while they are unchanged (same memory,
-    version counters and chunk crc32c), so a frozen backbone is written once per process;
-    ``False`` writes every byte of every step. ``max_pinned_bytes`` caps the pinned host
+    version counters and chunk crc32c); ``False`` writes every byte of every step. One file
+    is shared by at most ``frozen_max_shared`` consecutive steps (then written afresh), so a
+    bad sector in it reaches that many steps at most. ``max_pinned_bytes`` caps the pinned host
     memory of the staging pool (``None``: no cap); staging beyond it is pageable memory.
     The pool is allocated at the first save, reused by later ones and freed by ``close()``.
     """
@@ -86,6 +87,7 @@ class CheckpointManagerOptions:
     cleanup_leftovers: bool = True
     handle_sigterm: bool = True
     reuse_frozen: bool = True
+    frozen_max_shared: int = 4
     max_pinned_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -105,6 +107,8 @@ class CheckpointManagerOptions:
             raise ValueError(f"compression_level must be in [-7, 22], got {self.compression_level}")
         if not 1 <= self.io_threads <= 256:
             raise ValueError(f"io_threads must be in [1, 256], got {self.io_threads}")
+        if self.frozen_max_shared < 1:
+            raise ValueError(f"frozen_max_shared must be >= 1, got {self.frozen_max_shared}")
         if self.max_pinned_bytes is not None and self.max_pinned_bytes < 0:
             raise ValueError(f"max_pinned_bytes must be >= 0 or None, got {self.max_pinned_bytes}")
         if self.max_inflight_saves < 1:

@@ -48,6 +48,7 @@ class FrozenFile:
     size: int
     chunks: tuple[ChunkEntry, ...]
     signature: tuple
+    shared_by: int = 1          # committed steps holding this very file (the manager counts)
 
     def matches(self, signature: tuple, lengths: Sequence[int], crcs: Sequence[int]) -> bool:
         return (signature == self.signature and len(lengths) == len(self.chunks)

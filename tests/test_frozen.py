@@ -93,6 +93,21 @@ def test_rotation_keeps_the_linked_data(tmp_path):
         assert_loads_as(mgr, 4, model)
 
 
+@pytest.mark.parametrize("max_shared", [1, 3])
+def test_a_file_is_shared_by_at_most_frozen_max_shared_steps(tmp_path, max_shared):
+    model, opt = make()
+    with CheckpointManager(tmp_path, options(frozen_max_shared=max_shared)) as mgr:
+        linked = [mgr.save(step, {"model": model, "optimizer": opt}).linked_bytes > 0 for step in range(1, 9)]
+        inodes = [os.stat(frozen_file(tmp_path / f"checkpoint-{s}")).st_ino for s in range(1, 9)]
+    if max_shared == 1:
+        assert not any(linked) and len(set(inodes)) == 8
+    else:      # written, linked, linked, written afresh, ...
+        assert linked == [False, True, True, False, True, True, False, True]
+        assert [inodes.count(i) for i in dict.fromkeys(inodes)] == [3, 3, 2]
+    with pytest.raises(ValueError, match="frozen_max_shared"):
+        CheckpointManagerOptions(frozen_max_shared=0)
+
+
 @pytest.mark.parametrize("how", ["in_place", "through_data", "unfreeze"])
 def test_a_changed_frozen_parameter_is_written_again(tmp_path, how):
     model, opt = make()
