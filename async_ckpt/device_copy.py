@@ -16,11 +16,13 @@ tested without a GPU (tests/test_device_copy.py).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import device_crc
 from .plan import SavePlan
 
 GROUP_BYTES = 64 << 20
@@ -128,7 +130,6 @@ def enqueue(plan: SavePlan, host: np.ndarray, indices: Sequence[int], destinatio
     current stream of each device here.
     """
     import torch
-    from . import device_crc
 
     sources: dict[int, Any] = {}
     for i in indices:
@@ -148,37 +149,53 @@ def enqueue(plan: SavePlan, host: np.ndarray, indices: Sequence[int], destinatio
 
     marks: list[CudaMark] = []
     first = streams[devices[0]]
-    for g, group in enumerate(groups):
-        for i in group:
-            src = sources[i]
-            stream = streams[src.device.index or 0]
-            with torch.cuda.stream(stream):
-                destination(i).copy_(src, non_blocking=True)
-            # The caching allocator must not hand this memory to the training stream until
-            # the side stream has read it.
-            src.record_stream(stream)
-        crcs, keep, chunks = None, None, np.asarray(checked[g], dtype=np.int64)
-        if len(chunks) and use_crc:
-            launched = _launch_crc(plan, host, chunks, group, sources, first, devices[0])
-            if launched is None:
-                use_crc, chunks = False, np.zeros(0, np.int64)
-            else:
-                crcs, keep = launched
-        for s in list(streams.values())[1:]:
-            first.wait_stream(s)
-        event = torch.cuda.Event()
-        event.record(first)
-        front = plan.offsets[groups[g + 1][0]] if g + 1 < len(groups) else float("inf")
-        marks.append(CudaMark(event, front, crcs, chunks, keep))
+    try:
+        for g, group in enumerate(groups):
+            marks.append(_enqueue_group(plan, host, groups, g, sources, streams, first, destination,
+                                        checked[g] if use_crc else [], devices[0]))
+            if marks[-1].crcs is None and len(checked[g]):
+                use_crc = False                       # the launch failed: host checksums from here
+    except BaseException:
+        # Nothing may still be writing into the staging buffer once the caller releases it.
+        for s in streams.values():
+            with contextlib.suppress(Exception):
+                s.synchronize()
+        raise
     return marks
+
+
+def _enqueue_group(plan: SavePlan, host: np.ndarray, groups, g: int, sources: dict, streams: dict, first,
+                   destination, checked: Sequence[int], device: int) -> CudaMark:
+    import torch
+
+    group = groups[g]
+    for i in group:
+        src = sources[i]
+        stream = streams[src.device.index or 0]
+        with torch.cuda.stream(stream):
+            destination(i).copy_(src, non_blocking=True)
+        # The caching allocator must not hand this memory to the training stream until the
+        # side stream has read it.
+        src.record_stream(stream)
+    crcs, keep, chunks = None, None, np.asarray(checked, dtype=np.int64)
+    if len(chunks):
+        launched = _launch_crc(plan, host, chunks, group, sources, first, device)
+        if launched is None:
+            chunks = np.zeros(0, np.int64)
+        else:
+            crcs, keep = launched
+    for s in list(streams.values())[1:]:
+        first.wait_stream(s)
+    event = torch.cuda.Event()
+    event.record(first)
+    front = plan.offsets[groups[g + 1][0]] if g + 1 < len(groups) else float("inf")
+    return CudaMark(event, front, crcs, chunks, keep)
 
 
 def _launch_crc(plan: SavePlan, host: np.ndarray, chunks: np.ndarray, group: Sequence[int],
                 sources: dict, stream, device: int):
     """Queue the device checksums of ``chunks``: (words, workspace), or None (and the device
     path off) on failure."""
-    import torch
-    from . import device_crc
 
     rows, gaps = chunk_pieces(plan, chunks.tolist(), group, {i: sources[i].data_ptr() for i in group})
     for a, b in gaps:        # alignment padding between arrays counts as zeros on both sides

@@ -103,7 +103,9 @@ def available(device: int) -> bool:
     with _lock:
         if device not in _device_ok:
             _device_ok[device] = reason is None
-            if reason is not None:
+            # A module that was never built is the documented default, not worth a warning;
+            # one that was built but fails here is.
+            if reason is not None and module_path() is not None:
                 warnings.warn(f"async_ckpt: checksums stay on the host for cuda:{device}: {reason}",
                               RuntimeWarning, stacklevel=3)
     return _device_ok[device]

@@ -155,3 +155,88 @@ def test_check_mode_rejects_a_wrong_device_crc_and_commits_nothing(tmp_path, mon
     with pytest.raises(Exception, match="differs from the host's"):
         write_snapshot_and_commit(tmp_path, 3, snap, NativeStorage(io_threads=2), {}, 0.0)
     assert list(tmp_path.iterdir()) == []
+
+
+class FakeStream:
+    cuda_stream = 0
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def fake_cuda(monkeypatch, launches):
+    """CPU stand-ins for the CUDA calls enqueue makes; the 'kernel' is the host reference."""
+    import contextlib
+
+    class Event:
+        def record(self, stream):
+            pass
+
+        def synchronize(self):
+            pass
+
+    def launch(pieces, lens, stream, device):
+        launches.append(len(lens))
+        words = native._native.crc32c_pieces(pieces, lens, 16384)
+        return torch.tensor(np.array(words, np.uint32).view(np.int32)), None
+
+    monkeypatch.setattr(device_copy, "side_stream", lambda device: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(device_copy.device_crc, "available", lambda device: True)
+    monkeypatch.setattr(device_copy.device_crc, "launch", launch)
+
+
+@pytest.mark.parametrize("clone", [False, True])
+def test_enqueue_stages_every_array_and_checksums_every_chunk(monkeypatch, clone):
+    launches = []
+    fake_cuda(monkeypatch, launches)
+    state = make_state(3)
+    state["model"]["strided"] = torch.arange(600.0).reshape(20, 30).t()   # not plain: host crc
+    plan = plan_save(state, CHUNK)
+    buf = torch.full((plan.staging_bytes,), 0xAB, dtype=torch.uint8)
+    snap = snapshot_mod.Snapshot(plan, buf, native.Gate())
+    host = buf.numpy()
+    indices = sorted((i for i, a in enumerate(plan.arrays) if a.nbytes), key=plan.offsets.__getitem__)
+    snap.cuda_marks = device_copy.enqueue(
+        plan, host, indices, lambda i: snapshot_mod._host_destination(plan, buf, host, i)[1],
+        clone=lambda i: clone, group_bytes=150_000)
+    snap._finish()
+    # One launch per group that has device-checkable chunks (the strided tensor's has none).
+    assert len(launches) == sum(m.crcs is not None for m in snap.cuda_marks) >= 3
+    assert snap.gate.ready == len(plan.chunks)
+    strided = next(i for i, a in enumerate(plan.arrays) if a.shape == (30, 20))
+    host_checked = {c for c, _, _ in plan.parts[strided]}
+    assert [c for c in range(len(plan.chunks)) if not snap.crc_known[c]] == sorted(host_checked)
+    for c, chunk in enumerate(plan.chunks):
+        staged = host[chunk.start:chunk.start + chunk.length]
+        if snap.crc_known[c]:
+            assert snap.known_crcs[c] == native.crc32c(staged)
+    for i in indices:
+        assert torch.equal(snapshot_mod._host_destination(plan, buf, host, i)[1], plan.arrays[i].value)
+
+
+def test_a_failed_launch_turns_device_checksums_off_and_the_save_goes_on(monkeypatch):
+    launches = []
+    fake_cuda(monkeypatch, launches)
+
+    def broken(*args):
+        launches.append("x")
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(device_copy.device_crc, "launch", broken)
+    disabled = []
+    monkeypatch.setattr(device_copy.device_crc, "disable", lambda device, why: disabled.append(why))
+    plan = plan_save(make_state(), CHUNK)
+    buf = torch.zeros(plan.staging_bytes, dtype=torch.uint8)
+    host = buf.numpy()
+    indices = sorted((i for i, a in enumerate(plan.arrays) if a.nbytes), key=plan.offsets.__getitem__)
+    marks = device_copy.enqueue(plan, host, indices, lambda i: snapshot_mod._host_destination(plan, buf, host, i)[1],
+                                clone=lambda i: False, group_bytes=150_000)
+    assert launches == ["x"] and disabled == ["launch failed"]       # tried once, then host checksums
+    assert all(m.crcs is None and len(m.chunks) == 0 for m in marks)
