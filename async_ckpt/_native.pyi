@@ -158,11 +158,16 @@ def cuda_crc_path() -> str | None:
 def cuda_device_count() -> int:
     """CUDA devices the module's runtime sees; CheckpointError naming the CUDA reason."""
 
-def cuda_crc32c_pieces(pieces: _Buffer, chunk_lens: Sequence[int], out: _Buffer, segment: int,
-                       stream: int, device: int) -> None:
-    """Queue the chunk checksums on ``stream`` (a cudaStream_t of ``device``); ``out`` (pinned,
-    one 4-byte word per chunk) holds them once the stream reaches this point. Addresses
-    are device addresses that must stay valid and unchanged until then."""
+def cuda_crc_workspace_bytes(n_pieces: int, n_chunks: int) -> int:
+    """Bytes of pinned workspace ``cuda_crc32c_pieces`` needs (the module must be loaded)."""
+
+def cuda_crc32c_pieces(pieces: _Buffer, chunk_lens: Sequence[int], out: _Buffer, workspace: _Buffer,
+                       segment: int, stream: int, device: int) -> None:
+    """Queue the chunk checksums on ``stream`` (a cudaStream_t of ``device``) without waiting
+    for it; ``out`` (pinned, one 4-byte word per chunk) holds them once the stream reaches
+    this point. ``workspace`` is pinned host memory of at least cuda_crc_workspace_bytes
+    into which the arguments are packed for an asynchronous copy. Addresses are device
+    addresses; they, ``out`` and ``workspace`` must stay valid and unchanged until then."""
 
 def cuda_crc32c_pieces_host(pieces: _Buffer, chunk_lens: Sequence[int], segment: int = 16384) -> list[int]:
     """The CUDA module's host build of the same computation (checks nvcc's arithmetic)."""
