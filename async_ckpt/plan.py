@@ -112,10 +112,13 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
         items[name] = meta or ItemEntry(item_kind(name, value), _type_name(value))
     tree, arrays = encode_tree(dict(state))
     frozen = _frozen_parameters(state) if separate_frozen else {}
-    is_frozen = [isinstance(r.value, torch.Tensor) and r.nbytes > 0 and frozen.get(_key(r.value)) is not None
-                 for r in arrays]
-    order = [i for i in range(len(arrays)) if not is_frozen[i]]
-    tail = [i for i in range(len(arrays)) if is_frozen[i]]
+    if frozen:
+        is_frozen = [isinstance(r.value, torch.Tensor) and r.nbytes > 0 and _key(r.value) in frozen
+                     for r in arrays]
+        order = [i for i in range(len(arrays)) if not is_frozen[i]]
+        tail = [i for i in range(len(arrays)) if is_frozen[i]]
+    else:       # the common case costs nothing per array
+        order, tail = list(range(len(arrays))), []
 
     offsets: list[int] = [0] * len(arrays)
     chunks: list[ChunkPlan] = []
