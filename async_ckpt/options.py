@@ -8,6 +8,11 @@ can tune a job without editing code:
 ``ASYNC_CKPT_COMPRESSION``     ``compression`` (``none``, ``zstd``, ``auto``)
 ``ASYNC_CKPT_CHUNK_MB``        ``chunk_bytes`` in MiB
 =============================  ==========================
+
+Process-wide switches, read at each save rather than stored here: ``ASYNC_CKPT_DEVICE_CRC``
+(``0``: chunk checksums on the host only; ``check``: recompute every GPU checksum on the
+host and fail the save on a mismatch; see :mod:`async_ckpt.device_crc`) and
+``ASYNC_CKPT_FAULT`` (crash tests, :mod:`async_ckpt.faults`).
 """
 
 from __future__ import annotations
