@@ -84,6 +84,19 @@ def _fill(name: str, dtype: torch.dtype, shape: tuple[int, ...], g: torch.Genera
     return t
 
 
+def frozen_backbone(seed: int) -> torch.nn.Module:
+    """A module whose parameters are frozen and depend on the seed only: from the second save
+    of a process on, its data file is hard-linked from the previous step (storage.FrozenFile),
+    so every fault point also cuts through that path."""
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(32, 16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(16, 32, generator=g))
+        layer.bias.copy_(torch.randn(16, generator=g))
+    layer.requires_grad_(False)
+    return layer
+
+
 def expected_state(seed: int, step: int, size: str = "small") -> dict[str, Any]:
     """The state the training loop holds (and saves) at ``step``."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -92,6 +105,7 @@ def expected_state(seed: int, step: int, size: str = "small") -> dict[str, Any]:
     lr = 0.1 / (step + 1)
     return {
         "model": model,
+        "backbone": frozen_backbone(seed),
         "optimizer": {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": exp_avg}},
                       "param_groups": [{"lr": lr, "betas": (0.9, 0.999), "params": [0], "amsgrad": False}]},
         "scheduler": {"last_epoch": step, "base_lrs": [0.1], "_last_lr": [lr]},
@@ -105,7 +119,10 @@ def assign(state: dict[str, Any], new: dict[str, Any]) -> None:
     """Make ``state`` equal to ``new`` by mutating it in place (what a training step does)."""
     for k, v in new.items():
         cur = state.get(k)
-        if isinstance(v, torch.Tensor) and isinstance(cur, torch.Tensor) and cur.shape == v.shape:
+        if isinstance(v, torch.nn.Module) and isinstance(cur, torch.nn.Module):
+            if difference(cur, v) is not None:     # frozen: untouched unless it differs
+                cur.load_state_dict(v.state_dict())
+        elif isinstance(v, torch.Tensor) and isinstance(cur, torch.Tensor) and cur.shape == v.shape:
             cur.copy_(v)
         elif isinstance(v, dict) and isinstance(cur, dict):
             assign(cur, v)
@@ -115,6 +132,10 @@ def assign(state: dict[str, Any], new: dict[str, Any]) -> None:
 
 def difference(a: Any, b: Any, path: str = "state") -> Optional[str]:
     """None when ``a`` and ``b`` are equal bit for bit (NaN payloads, -0.0 included)."""
+    if isinstance(a, torch.nn.Module):
+        a = dict(a.state_dict())
+    if isinstance(b, torch.nn.Module):
+        b = dict(b.state_dict())
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return f"{path}: {type(a).__name__} vs {type(b).__name__}"
@@ -150,6 +171,8 @@ def difference(a: Any, b: Any, path: str = "state") -> Optional[str]:
 
 
 def state_nbytes(state: Any) -> int:
+    if isinstance(state, torch.nn.Module):
+        return state_nbytes(dict(state.state_dict()))
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
     if isinstance(state, dict):
@@ -159,7 +182,7 @@ def state_nbytes(state: Any) -> int:
     return 0
 
 
-ITEMS = ("model", "optimizer", "scheduler", "progress")
+ITEMS = ("model", "backbone", "optimizer", "scheduler", "progress")
 
 # ----------------------------------------------------------------------------- the training process
 
