@@ -72,9 +72,15 @@ class SavePlan:
     staging_bytes: int
     chunk_ends: tuple[int, ...] = ()                 # staging end offset of each chunk, ascending
     # Chunks [frozen_from, len(chunks)) hold only frozen parameters (requires_grad=False), laid
-    # out last so storage can keep them in a file of their own and reuse it while unchanged.
-    frozen_from: int = -1
+    # out last so storage can keep them in a file of their own and reuse it while unchanged;
+    # None when there are none.
+    frozen_from: Optional[int] = None
     frozen_signature: tuple = ()                     # (address, version, nbytes) of each, in order
+
+    @property
+    def first_frozen_chunk(self) -> int:
+        """Index of the first frozen-parameter chunk; len(chunks) when there is none."""
+        return len(self.chunks) if self.frozen_from is None else self.frozen_from
 
     @property
     def raw_bytes(self) -> int:
@@ -123,7 +129,7 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     offsets: list[int] = [0] * len(arrays)
     chunks: list[ChunkPlan] = []
     parts: list[tuple[tuple[int, int, int], ...]] = [()] * len(arrays)
-    frozen_from = -1
+    frozen_from: Optional[int] = None
     cursor = 0
     slab_start = 0        # start of the open slab chunk
     slab_sizes: set[int] = set()
@@ -176,7 +182,7 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
     return SavePlan(tree, items, tuple(arrays), tuple(offsets), tuple(chunks), tuple(parts), cursor,
                     tuple(c.start + c.length for c in chunks),
-                    frozen_from if tail else len(chunks), signature)
+                    frozen_from, signature)
 
 
 def _key(t: torch.Tensor) -> tuple:

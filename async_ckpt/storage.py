@@ -97,13 +97,13 @@ class NativeStorage(Storage):
         return self._native.Gate()
 
     def write(self, directory: Path, rank: int, snapshot: Snapshot) -> tuple[list[FileEntry], list[ChunkEntry]]:
-        """Chunks [0, frozen_from) go to ``data-r<rank>-0.bin``; a frozen tail goes to
-        ``data-r<rank>-1.bin``, hard-linked from the last commit when it is unchanged."""
+        """Chunks before the plan's first frozen chunk go to ``data-r<rank>-0.bin``; a frozen
+        tail goes to ``data-r<rank>-1.bin``, hard-linked from the last commit when unchanged."""
         native = self._native
         if snapshot.gate is None:
             snapshot.wait()
         plan = snapshot.plan
-        split = plan.frozen_from
+        split = plan.first_frozen_chunk
         reuse = snapshot.reuse if split < len(plan.chunks) else None
         if reuse is not None and reuse.signature != plan.frozen_signature:
             reuse = None
@@ -135,7 +135,7 @@ class NativeStorage(Storage):
 
     def reuse_candidate(self, step_dir: Path, files: Sequence[FileEntry], chunks: Sequence[ChunkEntry],
                         plan) -> Optional[FrozenFile]:
-        if plan.frozen_from >= len(plan.chunks) or len(files) != 2:
+        if plan.first_frozen_chunk >= len(plan.chunks) or len(files) != 2:
             return None
         return FrozenFile(Path(step_dir) / files[1].path, files[1].size,
                           tuple(c for c in chunks if c.file == 1), plan.frozen_signature)
@@ -144,7 +144,7 @@ class NativeStorage(Storage):
         """The frozen tail: hard-link ``reuse`` when every chunk is unchanged, else write it."""
         native = self._native
         snapshot.wait()
-        plan, split, view = snapshot.plan, snapshot.plan.frozen_from, snapshot.view()
+        plan, split, view = snapshot.plan, snapshot.plan.first_frozen_chunk, snapshot.view()
         frozen = plan.chunks[split:]
         crcs = np.array([snapshot.known_crcs[split + k] if snapshot.crc_known[split + k]
                          else native.crc32c(view[c.start:c.start + c.length])

@@ -50,7 +50,7 @@ def test_plan_puts_frozen_parameters_last_in_chunks_of_their_own():
     model, opt = make()
     plan = plan_save({"model": model, "optimizer": opt}, 1 << 16)
     frozen_ptrs = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
-    assert 0 < plan.frozen_from < len(plan.chunks)
+    assert 0 < plan.frozen_from == plan.first_frozen_chunk < len(plan.chunks)
     tail_start = plan.chunks[plan.frozen_from].start
     for i, ref in enumerate(plan.arrays):
         if not ref.nbytes:
@@ -61,7 +61,8 @@ def test_plan_puts_frozen_parameters_last_in_chunks_of_their_own():
     assert len(plan.frozen_signature) == len(frozen_ptrs)
     unfrozen = torch.nn.Linear(4, 4)
     plan = plan_save({"model": unfrozen}, 1 << 16)
-    assert plan.frozen_from == len(plan.chunks) and plan.frozen_signature == ()
+    assert plan.frozen_from is None and plan.first_frozen_chunk == len(plan.chunks)
+    assert plan.frozen_signature == ()
 
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
