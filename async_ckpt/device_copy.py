@@ -2,10 +2,12 @@
 
 Called by :func:`async_ckpt.snapshot.copy_into` on the training thread inside ``save_async``.
 The CUDA arrays of a plan are cut into groups of about ``GROUP_BYTES`` that end on chunk
-boundaries. For each group the side stream of the device (which first waits for the
-training stream) copies the arrays into the pinned staging buffer, then, where the CUDA
-checksum module is usable, computes the crc32c of every chunk made only of this group's
-bytes (:mod:`async_ckpt.device_crc`), then records an event. Each group becomes a
+boundaries. For each group the copy side stream of the device (which first waits for the
+training stream) copies the arrays into the pinned staging buffer while, where the CUDA
+checksum module is usable, a second side stream computes the crc32c of every chunk made
+only of this group's bytes from the same device tensors (:mod:`async_ckpt.device_crc`);
+the copy stream then waits for those checksums (long done: the kernel outruns PCIe) and
+records an event. Each group becomes a
 :class:`CudaMark`; the snapshot's finisher waits for the marks in order and opens the
 writer's gate behind each one, so writing starts after the first group instead of after
 the last, and chunks with device checksums skip the host checksum pass.
@@ -104,15 +106,17 @@ def chunk_pieces(plan: SavePlan, chunks: Sequence[int], group: Sequence[int],
     return rows, gaps
 
 
-_side_streams: dict[int, Any] = {}
+_side_streams: dict[tuple[int, str], Any] = {}
 
 
-def side_stream(device) -> Any:
+def side_stream(device, role: str = "copy") -> Any:
+    """The process's side stream of ``device`` for ``role`` ("copy": device-to-host copies,
+    "crc": checksum kernels, which then overlap the copies instead of queueing behind them)."""
     import torch
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
+    if (index, role) not in _side_streams:
+        _side_streams[(index, role)] = torch.cuda.Stream(device=index)
+    return _side_streams[(index, role)]
 
 
 def _plain(t) -> bool:
@@ -146,18 +150,22 @@ def enqueue(plan: SavePlan, host: np.ndarray, indices: Sequence[int], destinatio
     use_crc = single and device_crc.available(devices[0])
     eligible = {i for i in indices if _plain(sources[i])} if use_crc else set()
     checked = device_checked_chunks(plan, groups, eligible) if use_crc else [[] for _ in groups]
+    crc_stream = None
+    if use_crc:
+        crc_stream = side_stream(torch.device("cuda", devices[0]), "crc")
+        crc_stream.wait_stream(torch.cuda.current_stream(devices[0]))
 
     marks: list[CudaMark] = []
     first = streams[devices[0]]
     try:
         for g, group in enumerate(groups):
             marks.append(_enqueue_group(plan, host, groups, g, sources, streams, first, destination,
-                                        checked[g] if use_crc else [], devices[0]))
+                                        checked[g] if use_crc else [], devices[0], crc_stream))
             if marks[-1].crcs is None and len(checked[g]):
                 use_crc = False                       # the launch failed: host checksums from here
     except BaseException:
         # Nothing may still be writing into the staging buffer once the caller releases it.
-        for s in streams.values():
+        for s in list(streams.values()) + ([crc_stream] if crc_stream is not None else []):
             with contextlib.suppress(Exception):
                 s.synchronize()
         raise
@@ -165,7 +173,9 @@ def enqueue(plan: SavePlan, host: np.ndarray, indices: Sequence[int], destinatio
 
 
 def _enqueue_group(plan: SavePlan, host: np.ndarray, groups, g: int, sources: dict, streams: dict, first,
-                   destination, checked: Sequence[int], device: int) -> CudaMark:
+                   destination, checked: Sequence[int], device: int, crc_stream) -> CudaMark:
+    """Copies of group ``g`` on the copy stream(s); checksums on ``crc_stream``, overlapping
+    them (both read the device tensors); the mark's event on ``first`` follows both."""
     import torch
 
     group = groups[g]
@@ -179,11 +189,14 @@ def _enqueue_group(plan: SavePlan, host: np.ndarray, groups, g: int, sources: di
         src.record_stream(stream)
     crcs, keep, chunks = None, None, np.asarray(checked, dtype=np.int64)
     if len(chunks):
-        launched = _launch_crc(plan, host, chunks, group, sources, first, device)
+        launched = _launch_crc(plan, host, chunks, group, sources, crc_stream, device)
         if launched is None:
             chunks = np.zeros(0, np.int64)
         else:
             crcs, keep = launched
+            for i in group:
+                sources[i].record_stream(crc_stream)
+            first.wait_stream(crc_stream)
     for s in list(streams.values())[1:]:
         first.wait_stream(s)
     event = torch.cuda.Event()

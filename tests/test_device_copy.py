@@ -183,7 +183,7 @@ def fake_cuda(monkeypatch, launches):
         words = native._native.crc32c_pieces(pieces, lens, 16384)
         return torch.tensor(np.array(words, np.uint32).view(np.int32)), None
 
-    monkeypatch.setattr(device_copy, "side_stream", lambda device: FakeStream())
+    monkeypatch.setattr(device_copy, "side_stream", lambda device, role="copy": FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", Event)
