@@ -381,6 +381,10 @@ def _check_manifest_files(rep: StepReport, step_dir: Path, manifest: layout.Mani
             real_size[i] = None
             continue
         real_size[i] = st.st_size
+        if st.st_nlink > 1:
+            rep.notes.append(f"{f.path}: hard link shared with {st.st_nlink - 1} other name(s), e.g. a "
+                             "neighbouring step's unchanged frozen parameters (deleting a step "
+                             "removes only its own name)")
         if st.st_size != f.size:
             what = "truncated" if st.st_size < f.size else "grown"
             rep.problems.append(f"{f.path}: {what}: {st.st_size} bytes, the manifest says {f.size}")

@@ -79,7 +79,9 @@ def test_unchanged_frozen_file_is_hard_linked_and_loads(tmp_path, mode, compress
         assert os.path.samefile(frozen_file(first.path), frozen_file(second.path))
         assert os.stat(frozen_file(second.path)).st_nlink == 2
         assert_loads_as(mgr, 2, model)
-        assert check_step(second.path, deep=True).verdict != CORRUPT
+        report = check_step(second.path, deep=True)
+        assert report.verdict != CORRUPT
+        assert any("hard link shared with 1 other" in n for n in report.notes), report.notes
 
 
 def test_rotation_keeps_the_linked_data(tmp_path):
