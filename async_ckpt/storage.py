@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -146,9 +147,12 @@ class NativeStorage(Storage):
         snapshot.wait()
         plan, split, view = snapshot.plan, snapshot.plan.first_frozen_chunk, snapshot.view()
         frozen = plan.chunks[split:]
-        crcs = np.array([snapshot.known_crcs[split + k] if snapshot.crc_known[split + k]
-                         else native.crc32c(view[c.start:c.start + c.length])
-                         for k, c in enumerate(frozen)], dtype=np.uint32)
+        crcs = snapshot.known_crcs[split:].copy()
+        missing = [k for k in range(len(frozen)) if not snapshot.crc_known[split + k]]
+        if missing:      # the host pass, on io_threads (crc32c releases the GIL)
+            with ThreadPoolExecutor(min(len(missing), self._writer.threads)) as pool:
+                crcs[missing] = list(pool.map(
+                    lambda k: native.crc32c(view[frozen[k].start:frozen[k].start + frozen[k].length]), missing))
         if reuse.matches(plan.frozen_signature, [c.length for c in frozen], crcs.tolist()):
             try:
                 if not stat.S_ISREG(os.lstat(reuse.path).st_mode):
