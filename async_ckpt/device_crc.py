@@ -134,13 +134,14 @@ def _self_test(device: int) -> Optional[str]:
         chunk_lens = [len(host) - 1000, 1000]
         rows = [(0, cut, 0, 0), (cut + 3, chunk_lens[0] - cut - 3, cut + 3, 0), (chunk_lens[0], 1000, 0, 1)]
         expected = [native.crc32c(staged[:chunk_lens[0]].numpy()), native.crc32c(staged[chunk_lens[0]:].numpy())]
+        # A private stream, synchronised alone: the training stream's queued work is not waited for.
         with torch.cuda.device(device):
-            on_device = host.to(f"cuda:{device}")
             stream = torch.cuda.Stream(device=device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            base = on_device.data_ptr()
-            pieces = pieces_array([(base + a, n, off, c) for a, n, off, c in rows])
-            out, _ = launch(pieces, chunk_lens, stream, device)
+            with torch.cuda.stream(stream):
+                on_device = host.to(f"cuda:{device}")
+                base = on_device.data_ptr()
+                pieces = pieces_array([(base + a, n, off, c) for a, n, off, c in rows])
+                out, _ = launch(pieces, chunk_lens, stream, device)
             stream.synchronize()
         got = [int(w) for w in out.numpy().view(np.uint32)]
         if got != expected:
