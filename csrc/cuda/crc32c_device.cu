@@ -33,7 +33,32 @@ constexpr int kMaxDevices = 64;
 __device__ uint32_t g_slice[8][256];
 __device__ uint32_t g_powers[cm::kPowers];
 
-// seg_prefix[i] = first global segment index of piece i; seg_prefix[n] = total segments.
+// The work of global thread g: find its piece (the last whose first segment is <= g in
+// seg_prefix, where seg_prefix[i] is piece i's first global segment and seg_prefix[n] the
+// total), checksum its segment and return the term for *chunk. The kernel and the host
+// reference (ackpt_cuda_crc32c_pieces_host) both run exactly this.
+ACKPT_HD uint32_t thread_term(const Piece* pieces, const uint64_t* seg_prefix, uint32_t n_pieces,
+                              const uint64_t* chunk_lens, uint64_t segment, uint64_t g,
+                              const uint32_t (*slice)[256], const uint32_t* powers, uint32_t* chunk) {
+  uint32_t lo = 0, hi = n_pieces;
+  while (hi - lo > 1) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (seg_prefix[mid] <= g) lo = mid; else hi = mid;
+  }
+  const Piece& piece = pieces[lo];
+  const uint64_t begin = (g - seg_prefix[lo]) * segment;
+  const uint64_t end = begin + segment < piece.len ? begin + segment : piece.len;
+  *chunk = piece.chunk;
+  return cm::segment_term(piece, begin, end, chunk_lens[piece.chunk], slice, powers);
+}
+
+// Fills seg_prefix[0..n_pieces] (see thread_term); returns the total number of segments.
+uint64_t fill_prefix(const Piece* pieces, uint32_t n_pieces, uint64_t segment, uint64_t* prefix) {
+  prefix[0] = 0;
+  for (uint32_t i = 0; i < n_pieces; ++i) prefix[i + 1] = prefix[i] + (pieces[i].len + segment - 1) / segment;
+  return prefix[n_pieces];
+}
+
 __global__ void piece_terms(const Piece* pieces, const uint64_t* seg_prefix, uint32_t n_pieces,
                             const uint64_t* chunk_lens, uint64_t segment, uint32_t* words) {
   __shared__ uint32_t slice[8][256];
@@ -45,16 +70,9 @@ __global__ void piece_terms(const Piece* pieces, const uint64_t* seg_prefix, uin
   const uint64_t total = seg_prefix[n_pieces];
   const uint64_t stride = uint64_t(gridDim.x) * blockDim.x;
   for (uint64_t g = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < total; g += stride) {
-    uint32_t lo = 0, hi = n_pieces;  // last piece whose first segment is <= g
-    while (hi - lo > 1) {
-      const uint32_t mid = lo + (hi - lo) / 2;
-      if (seg_prefix[mid] <= g) lo = mid; else hi = mid;
-    }
-    const Piece piece = pieces[lo];
-    const uint64_t begin = (g - seg_prefix[lo]) * segment;
-    const uint64_t end = begin + segment < piece.len ? begin + segment : piece.len;
-    const uint32_t term = cm::segment_term(piece, begin, end, chunk_lens[piece.chunk], slice, powers);
-    if (term) atomicXor(&words[piece.chunk], term);
+    uint32_t chunk = 0;
+    const uint32_t term = thread_term(pieces, seg_prefix, n_pieces, chunk_lens, segment, g, slice, powers, &chunk);
+    if (term) atomicXor(&words[chunk], term);
   }
 }
 
@@ -160,12 +178,9 @@ int ackpt_cuda_crc32c_pieces(const Piece* pieces, uint32_t n_pieces, const uint6
   const size_t pieces_bytes = sizeof(Piece) * n_pieces;
   const size_t prefix_bytes = sizeof(uint64_t) * (n_pieces + 1);
   const size_t words_bytes = sizeof(uint32_t) * n_chunks;
-  auto* prefix = reinterpret_cast<uint64_t*>(ws + pieces_bytes);
   if (pieces_bytes) memcpy(ws, pieces, pieces_bytes);
-  prefix[0] = 0;
-  for (uint32_t i = 0; i < n_pieces; ++i) prefix[i + 1] = prefix[i] + (pieces[i].len + segment - 1) / segment;
+  const uint64_t total_segments = fill_prefix(pieces, n_pieces, segment, reinterpret_cast<uint64_t*>(ws + pieces_bytes));
   memcpy(ws + pieces_bytes + prefix_bytes, chunk_lens, sizeof(uint64_t) * n_chunks);
-  const uint64_t total_segments = prefix[n_pieces];
 
   char* dev = nullptr;  // stream-ordered: arguments | words
   e = cudaMallocAsync(reinterpret_cast<void**>(&dev), arg_bytes + words_bytes, s);
@@ -204,12 +219,15 @@ int ackpt_cuda_crc32c_pieces_host(const Piece* pieces, uint32_t n_pieces, const 
     cm::make_slices(slice);
     cm::make_powers(powers);
   });
+  // The kernel's decomposition, one "thread" after another (threads' xors commute).
+  std::vector<uint64_t> prefix(size_t(n_pieces) + 1);
+  const uint64_t total = fill_prefix(pieces, n_pieces, segment, prefix.data());
   std::vector<uint32_t> words(n_chunks, 0);
-  for (uint32_t i = 0; i < n_pieces; ++i)
-    for (uint64_t begin = 0; begin < pieces[i].len; begin += segment) {
-      const uint64_t end = begin + segment < pieces[i].len ? begin + segment : pieces[i].len;
-      words[pieces[i].chunk] ^= cm::segment_term(pieces[i], begin, end, chunk_lens[pieces[i].chunk], slice, powers);
-    }
+  for (uint64_t g = 0; g < total; ++g) {
+    uint32_t chunk = 0;
+    const uint32_t term = thread_term(pieces, prefix.data(), n_pieces, chunk_lens, segment, g, slice, powers, &chunk);
+    words[chunk] ^= term;
+  }
   for (uint32_t c = 0; c < n_chunks; ++c) out[c] = cm::finalize(words[c], chunk_lens[c], powers);
   return 0;
 }
