@@ -158,7 +158,7 @@ def enqueue(plan: SavePlan, host: np.ndarray, indices: Sequence[int], destinatio
     marks: list[CudaMark] = []
     first = streams[devices[0]]
     try:
-        for g, group in enumerate(groups):
+        for g in range(len(groups)):
             marks.append(_enqueue_group(plan, host, groups, g, sources, streams, first, destination,
                                         checked[g] if use_crc else [], devices[0], crc_stream))
             if marks[-1].crcs is None and len(checked[g]):

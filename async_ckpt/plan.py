@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .layout import ItemEntry
-from .tree import ArrayRef, encode_tree, is_stateful
+from .tree import ArrayRef, encode_tree
 
 # Every array starts at a multiple of this in the staging buffer, so a byte view of it can
 # be reinterpreted as any dtype (complex128 has the largest item size, 16).
