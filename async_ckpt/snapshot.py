@@ -316,5 +316,7 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
         raise
     if wait or (not later and not snap.cuda_marks):
         snap._finish()
+    elif copier is None:         # lazy without a background thread: finish here
+        _finish_later(snap, later, cuda_floor)
     else:
         copier.submit(_finish_later, snap, later, cuda_floor)
