@@ -247,18 +247,22 @@ class CheckpointManager:
     # ------------------------------------------------------------------ lazy snapshots
 
     def _arm_fence(self, state: Mapping[str, Any], plan) -> frozenset[int]:
-        """Hook every optimizer in ``state`` and return the arrays its next step mutates.
+        """Hook every optimizer in ``state`` and return the arrays copied lazily.
 
-        Only those arrays (parameters and optimizer moments) are copied lazily; everything
-        else (buffers that a forward pass updates, plain tensors) is copied before
-        ``save_async`` returns.
+        Those are the arrays its next step mutates (parameters and optimizer moments) and,
+        once some optimizer is hooked, the frozen parameters (training never mutates them;
+        code that does, like an EMA update, runs after the fenced step or calls
+        ``wait_for_snapshot``). Everything else (buffers that a forward pass updates, plain
+        tensors) is copied before ``save_async`` returns.
         """
         import torch
 
         fenced_ptrs: set[int] = set()
+        hooked = False
         for value in state.values():
             if not isinstance(value, torch.optim.Optimizer):
                 continue
+            hooked = True
             if id(value) not in self._fence_hooks:
                 self._fence_hooks[id(value)] = value.register_step_pre_hook(
                     lambda *_: self._fence_pending())
@@ -266,9 +270,12 @@ class CheckpointManager:
                 fenced_ptrs.update(p.data_ptr() for p in group["params"])
             for per_param in value.state.values():
                 fenced_ptrs.update(t.data_ptr() for t in per_param.values() if isinstance(t, torch.Tensor))
-        return frozenset(i for i, ref in enumerate(plan.arrays)
-                         if isinstance(ref.value, torch.Tensor) and ref.nbytes
-                         and ref.value.data_ptr() in fenced_ptrs)
+        fenced = {i for i, ref in enumerate(plan.arrays)
+                  if isinstance(ref.value, torch.Tensor) and ref.nbytes and ref.value.data_ptr() in fenced_ptrs}
+        if hooked:
+            # Also spares GPU memory: a lazy CUDA array that is not deferred is cloned first.
+            fenced.update(plan.frozen_arrays)
+        return frozenset(fenced)
 
     def _fence_pending(self) -> None:
         with self._state_lock:

@@ -76,6 +76,7 @@ class SavePlan:
     # None when there are none.
     frozen_from: Optional[int] = None
     frozen_signature: tuple = ()                     # (address, version, nbytes) of each, in order
+    frozen_arrays: tuple[int, ...] = ()              # indices of those arrays, in layout order
 
     @property
     def first_frozen_chunk(self) -> int:
@@ -182,7 +183,7 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
     return SavePlan(tree, items, tuple(arrays), tuple(offsets), tuple(chunks), tuple(parts), cursor,
                     tuple(c.start + c.length for c in chunks),
-                    frozen_from, signature)
+                    frozen_from, signature, tuple(tail))
 
 
 def _key(t: torch.Tensor) -> tuple:

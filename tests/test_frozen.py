@@ -170,3 +170,23 @@ def test_reuse_can_be_turned_off(tmp_path):
         result = mgr.save(2, {"model": model, "optimizer": opt})
         assert result.linked_bytes == 0 and not frozen_file(result.path).exists()
         assert_loads_as(mgr, 2, model)
+
+
+def test_lazy_mode_defers_frozen_parameters_only_behind_an_optimizer_fence(tmp_path):
+    model, opt = make()
+    with CheckpointManager(tmp_path, options(snapshot="lazy")) as mgr:
+        state = {"model": model, "optimizer": opt}
+        plan = plan_save(state, 1 << 16)
+        deferred = mgr._arm_fence(state, plan)
+        assert set(plan.frozen_arrays) <= deferred and plan.frozen_arrays
+        assert not mgr._arm_fence({"model": model}, plan_save({"model": model}, 1 << 16))
+        train(model, opt)
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        mgr.save_async(1, state)
+        train(model, opt)                              # the fenced step waits for every copy
+        with torch.no_grad():
+            model[0].weight.add_(1.0)                  # e.g. an EMA-style update after the step
+        mgr.wait_until_finished()
+        tree = mgr.load(1)
+    for k, v in saved.items():
+        assert torch.equal(tree["model"][k], v), k
