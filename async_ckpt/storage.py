@@ -51,10 +51,10 @@ class FrozenFile:
     signature: tuple
     shared_by: int = 1          # committed steps holding this very file (the manager counts)
 
-    def matches(self, signature: tuple, lengths: Sequence[int], crcs: Sequence[int]) -> bool:
-        return (signature == self.signature and len(lengths) == len(self.chunks)
-                and all(c.raw_length == n and c.raw_crc32c == crc
-                        for c, n, crc in zip(self.chunks, lengths, crcs)))
+    def matches(self, lengths: Sequence[int], crcs: Sequence[int]) -> bool:
+        """Every chunk has the same length and crc32c (the signature is checked by ``write``)."""
+        return len(lengths) == len(self.chunks) and all(
+            c.raw_length == n and c.raw_crc32c == crc for c, n, crc in zip(self.chunks, lengths, crcs))
 
 
 class Storage(abc.ABC):
@@ -153,7 +153,7 @@ class NativeStorage(Storage):
             with ThreadPoolExecutor(min(len(missing), self._writer.threads)) as pool:
                 crcs[missing] = list(pool.map(
                     lambda k: native.crc32c(view[frozen[k].start:frozen[k].start + frozen[k].length]), missing))
-        if reuse.matches(plan.frozen_signature, [c.length for c in frozen], crcs.tolist()):
+        if reuse.matches([c.length for c in frozen], crcs.tolist()):
             try:
                 if not stat.S_ISREG(os.lstat(reuse.path).st_mode):
                     raise FileNotFoundError(reuse.path)
