@@ -68,16 +68,20 @@ def watch_file(point: str, path: str) -> Optional[Callable[[], None]]:
     """While an opaque writer (the native one) runs, hit ``point`` once ``path`` has bytes.
 
     Returns None unless ``point`` is armed; else a function that stops the watcher. A
-    write that completes before the watcher sees a byte does not count as a hit.
+    write that completes before the watcher saw a byte (a loaded machine may not schedule
+    the watcher in time) is hit when the watcher is stopped, still inside the storage
+    write: the file is then whole but nothing after it exists, so the point always fires.
     """
     if point != _target:
         return None
     stop = threading.Event()
+    seen = threading.Event()
 
     def poll() -> None:
         while not stop.is_set():
             try:
                 if os.stat(path).st_size > 0 and not stop.is_set():
+                    seen.set()
                     hit(point)
                     return
             except FileNotFoundError:
@@ -90,6 +94,8 @@ def watch_file(point: str, path: str) -> Optional[Callable[[], None]]:
     def stop_watching() -> None:
         stop.set()
         thread.join()
+        if not seen.is_set() and os.path.exists(path) and os.stat(path).st_size > 0:
+            hit(point)
 
     return stop_watching
 
