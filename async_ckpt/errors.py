@@ -49,3 +49,11 @@ class RestoreError(CheckpointError):
 
 class NotCommittedError(RestoreError):
     """The requested step exists only as an uncommitted or invalid directory."""
+
+
+class RootBusyError(CheckpointError):
+    """Another live process (a CheckpointManager or fix) holds the checkpoint root's lock."""
+
+
+class UnsafeFileError(CheckpointError):
+    """A legacy file holds something the weights-only loader refuses (e.g. a pickled object)."""

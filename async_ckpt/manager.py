@@ -10,6 +10,11 @@ Threads:
   writes the manifest, commits, and rotates.
 - ``restore``/``load``/listing run on the caller's thread.
 
+What it composes: a storage backend (:mod:`async_ckpt.storage`, chosen by the directory:
+a local path or a URL), the commit policy that backend supports, the save pipeline
+(:mod:`async_ckpt.pipeline`: plan, snapshot, per-rank write, coordinator commit) and the
+restore module. It knows nothing of byte formats or storage tricks.
+
 Errors of a background save are re-raised exactly once, as :class:`SaveError` naming the
 step, by the next ``save_async``/``save``/``wait_until_finished``/``close`` (or by the
 handle's ``result()``, whichever comes first).
@@ -22,21 +27,21 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from . import faults, layout, rng, signals
-from .errors import CheckpointError, NotCommittedError, RestoreError, SaveError
+from . import faults, rng, signals
+from .errors import CheckpointError, NotCommittedError, RestoreError, RootBusyError, SaveError
+from .format.manifest import Manifest
 from .options import CheckpointManagerOptions
-from .plan import plan_save
-from .restore import decode_items, item_arrays, match_destinations, read_arrays, restore_into
+from .pipeline.plan import plan_save
+from .pipeline.restore import RNG_ITEM, load_items, restore_state
+from .pipeline.saving import CommitInfo, save_one_rank
+from .pipeline.snapshot import Snapshot, StagingPool, copy_into
 from .rotation import steps_to_delete
-from .saving import CommitInfo, write_snapshot_and_commit
-from .snapshot import Snapshot, StagingPool, copy_into
-from .storage import NativeStorage, Storage
-
-RNG_ITEM = "rng"
+from .storage import Storage, open_root, policy_for
+from .storage.native_files import NativeStorage
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class SaveResult:
     """What one committed save cost. ``stall_seconds`` is the time ``save_async`` blocked."""
 
     step: int
-    path: Path
+    path: Union[Path, str]       # the step's directory (a URL for object stores)
     raw_bytes: int
     stored_bytes: int
     stall_seconds: float
@@ -80,15 +85,8 @@ class SaveHandle:
         except SaveError:
             self._manager._consume_error(self._future)
             raise
-        return SaveResult(info.step, info.path, info.raw_bytes, info.stored_bytes,
-                          self.stall_seconds, finished - self._started, info.linked_bytes)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+        return SaveResult(info.step, self._manager._display(info.location), info.raw_bytes, info.stored_bytes,
+                          self.stall_seconds, finished - self._started, info.reused_bytes)
 
 
 class CheckpointManager:
@@ -101,12 +99,22 @@ class CheckpointManager:
 
     def __init__(self, directory: Union[str, os.PathLike], options: Optional[CheckpointManagerOptions] = None,
                  *, storage: Optional[Storage] = None) -> None:
-        self.directory = Path(directory)
         self.options = options or CheckpointManagerOptions()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._take_lock()
         o = self.options
-        self._storage = storage or NativeStorage(o.io_threads, o.compression, o.compression_level, o.fsync)
+        if storage is None:
+            storage, root = open_root(directory, lambda: NativeStorage(
+                o.io_threads, o.compression, o.compression_level, o.fsync, o.frozen_max_shared))
+        else:
+            root = os.fspath(directory)
+        self._storage = storage
+        self._local = isinstance(storage, NativeStorage)
+        self.directory: Union[Path, str] = Path(root) if self._local else os.fspath(directory)
+        try:
+            storage.create_location(root)
+        except FileExistsError:
+            pass
+        self._commit = policy_for(storage, root)
+        self._release_lock_fn = self._take_lock()
         self._pool = StagingPool(pinned_limit=o.max_pinned_bytes)
         self._slots = threading.BoundedSemaphore(o.max_inflight_saves)
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
@@ -120,11 +128,9 @@ class CheckpointManager:
         self._abandoned: set[cf.Future] = set()   # saves whose copy failed; error already raised
         self._last_step: Optional[int] = None     # highest step queued or committed
         self._committed: dict[int, dict[str, float]] = {}   # step → metrics
-        self._reuse = None    # storage.FrozenFile of the last commit; commit thread only
         self._closed = False
         if o.cleanup_leftovers:
-            for leftover in layout.find_leftovers(self.directory):
-                layout.remove_tree(leftover)
+            self._commit.clean_leftovers()
         self.reload()
         if o.handle_sigterm:
             signals.register(self)
@@ -133,11 +139,8 @@ class CheckpointManager:
 
     def reload(self) -> None:
         """Re-read the committed steps from disk (after another process changed them)."""
-        committed = {}
-        for step, path in layout.iter_step_dirs(self.directory):
-            status = layout.commit_status(path)
-            if status.committed:
-                committed[step] = dict(status.manifest.metrics)
+        committed = {step: dict(status.manifest.metrics) for step, status in self._commit.committed().items()
+                     if status.manifest is not None}
         with self._state_lock:
             self._committed = committed
             newest = max(committed, default=None)
@@ -297,17 +300,7 @@ class CheckpointManager:
     def _write_in_background(self, step: int, snapshot, metrics: dict[str, float], created: float
                              ) -> tuple[CommitInfo, float]:
         try:
-            # A file shared by frozen_max_shared steps is written afresh: one bad sector then
-            # reaches a bounded number of steps, and rot is not carried forward forever.
-            reuse = self._reuse
-            if reuse is not None and reuse.shared_by >= self.options.frozen_max_shared:
-                reuse = None
-            snapshot.reuse = reuse
-            info = write_snapshot_and_commit(self.directory, step, snapshot, self._storage, metrics, created)
-            self._reuse = self._storage.reuse_candidate(info.path, info.files, info.chunks, snapshot.plan)
-            if reuse is not None and self._reuse is not None and _same_file(reuse.path, self._reuse.path):
-                self._reuse = replace(self._reuse, shared_by=reuse.shared_by + 1)
-                info = replace(info, linked_bytes=self._reuse.size)
+            info = save_one_rank(self._commit, step, snapshot, metrics, created)
         except BaseException as e:
             raise SaveError(f"saving step {step} failed: {e}", step) from e
         finally:
@@ -323,28 +316,19 @@ class CheckpointManager:
         with self._state_lock:
             doomed = steps_to_delete(sorted(self._committed), self._committed, self.options)
         for step in doomed:
-            self._delete_dir(step)
+            self._delete_step(step)
 
-    def _delete_dir(self, step: int) -> None:
-        final = self.directory / layout.step_dir_name(step)
-        # Hide first: a crash mid-delete leaves a tmp leftover, never a half-deleted step
-        # that still looks committed.
-        hidden = self.directory / layout.tmp_dir_name(step)
+    def _delete_step(self, step: int) -> None:
         with self._state_lock:
             self._committed.pop(step, None)
-        try:
-            os.rename(final, hidden)
-        except FileNotFoundError:
-            return
-        faults.hit("during_rotation")
-        layout.remove_tree(hidden)
+        self._commit.delete(step, faults.hit)
 
     def delete(self, step: int) -> None:
         """Delete a committed step (waits for in-flight saves first)."""
         self.wait_until_finished()
         if step not in self.all_steps():
             raise RestoreError(f"step {step} is not a committed checkpoint in {self.directory}")
-        self._delete_dir(step)
+        self._delete_step(step)
 
     # ------------------------------------------------------------------ errors and waiting
 
@@ -433,40 +417,40 @@ class CheckpointManager:
         except Exception:
             pass
 
-    def _take_lock(self) -> int:
+    def _take_lock(self):
         try:
-            return layout.lock_root(self.directory)
-        except layout.RootBusyError as e:
-            raise CheckpointError(f"{e}; close it first") from None
+            return self._commit.lock()
+        except RootBusyError as e:
+            raise RootBusyError(f"{e}; close it first") from None
 
     def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        release, self._release_lock_fn = self._release_lock_fn, None
+        if release is not None:
+            release()
+
+    def _display(self, location: str) -> Union[Path, str]:
+        return Path(location) if self._local else self._storage.describe(location)
 
     # ------------------------------------------------------------------ restoring
 
-    def _resolve_step(self, step: Optional[int]) -> Optional[tuple[int, layout.Manifest, Path]]:
+    def _resolve_step(self, step: Optional[int]) -> Optional[tuple[int, Manifest, str]]:
         if step is None:
             self.reload()
             step = self.latest_step()
             if step is None:
                 return None
-        path = self.directory / layout.step_dir_name(step)
-        status = layout.commit_status(path)
-        if not status.committed:
+        status = self._commit.status_of_step(step)
+        if not status.committed or status.manifest is None:
             raise NotCommittedError(f"step {step} in {self.directory} is not committed: {status.reason}")
-        return step, status.manifest, path
+        return step, status.manifest, self._commit.where(status.name)
 
     def load(self, step: Optional[int] = None) -> dict[str, Any]:
         """The raw tree of ``step`` (latest when None): state dicts, tensors on CPU, RNG states."""
         resolved = self._resolve_step(step)
         if resolved is None:
             raise RestoreError(f"no committed checkpoint in {self.directory}")
-        _, manifest, path = resolved
-        tree = manifest.ranks[0].tree
-        arrays = read_arrays(path, manifest, self._storage)
-        return decode_items(tree, arrays)
+        _, manifest, location = resolved
+        return load_items(self._storage, location, manifest)
 
     def restore(self, state: Mapping[str, Any], step: Optional[int] = None, *,
                 restore_rng: bool = True) -> Optional[int]:
@@ -483,30 +467,6 @@ class CheckpointManager:
         resolved = self._resolve_step(step)
         if resolved is None:
             return None
-        step, manifest, path = resolved
-        tree = manifest.ranks[0].tree
-        saved_names = set(tree["keys"])
-        missing = [name for name in state if name not in saved_names]
-        if missing:
-            raise RestoreError(f"checkpoint step {step} has no item(s) {missing}; "
-                               f"it holds {sorted(saved_names)}")
-        names = list(state)
-        want_rng = restore_rng and RNG_ITEM in saved_names and RNG_ITEM not in state
-        if want_rng:
-            names.append(RNG_ITEM)
-        destinations: dict[int, Any] = {}
-        for key, node in zip(tree["keys"], tree["values"]):
-            if key in state:
-                match_destinations(state[key], node, manifest.ranks[0].arrays, destinations)
-        arrays = read_arrays(path, manifest, self._storage, indices=item_arrays(tree, names),
-                             destinations=destinations)
-        saved = decode_items(tree, arrays, names)
-        if isinstance(state, dict):
-            for name in state:
-                state[name] = restore_into(state[name], saved[name], name)
-        else:
-            for name in state:
-                restore_into(state[name], saved[name], name)
-        if want_rng:
-            rng.restore(saved[RNG_ITEM])
+        step, manifest, location = resolved
+        restore_state(self._storage, location, manifest, state, restore_rng=restore_rng)
         return step

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
-from async_ckpt import layout
+from async_ckpt.format import names as layout
 
 from ._ceilings import drop_caches, files_under
 from ._states import BenchState
@@ -24,7 +24,7 @@ MODES = {"none": None, "zstd": "zstd", "auto": "auto"}
 def _verify(step_dir: Path) -> str:
     """Full verify (every chunk's CRC) through verify's Python entry, else its CLI."""
     try:
-        from async_ckpt.verify import check_step
+        from async_ckpt.tools.verify import check_step
     except ImportError:   # the module is optional for the benchmark: use the CLI
         import subprocess
         import sys

@@ -25,7 +25,8 @@ import os
 
 import torch
 
-from async_ckpt import CheckpointManager, CheckpointManagerOptions, device_crc, native
+from async_ckpt import CheckpointManager, CheckpointManagerOptions, native
+from async_ckpt.pipeline import device_crc
 
 TENSOR_BYTES = 128 << 20
 

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from async_ckpt import layout, verify
-from async_ckpt.saving import write_checkpoint
+from async_ckpt.format.manifest import parse_manifest_bytes
+from async_ckpt.format.names import MANIFEST_NAME
+from async_ckpt.tools import verify
+from async_ckpt.pipeline.saving import write_checkpoint
 from benchmarks.bench_native import aligned_bytes, ceiling_read, drop_cache, parse_size, pread_all
 
 
@@ -75,7 +77,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         step_dir = write_checkpoint(root, 1, make_state(args.size, args.data))
         write_s = time.perf_counter() - t0
-        manifest = layout.read_manifest(step_dir)
+        manifest = parse_manifest_bytes((step_dir / MANIFEST_NAME).read_bytes())
         files = [str(step_dir / f.path) for f in manifest.files]
         stored = sum(f.size for f in manifest.files)
         raw_total = sum(c.raw_length for c in manifest.chunks)

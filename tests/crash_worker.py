@@ -41,10 +41,11 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from async_ckpt import faults, layout  # noqa: E402
+from async_ckpt import faults  # noqa: E402
+import ckpt_layout as layout
 from async_ckpt.manager import CheckpointManager  # noqa: E402
 from async_ckpt.options import CheckpointManagerOptions  # noqa: E402
-from async_ckpt.storage import NativeStorage  # noqa: E402
+from async_ckpt.storage.native_files import NativeStorage  # noqa: E402
 
 # ----------------------------------------------------------------------------- the state
 
@@ -194,9 +195,9 @@ class SlowStorage(NativeStorage):
         super().__init__(**kw)
         self.delay = delay
 
-    def write(self, directory, rank, snapshot):
+    def write_rank(self, location, request):
         time.sleep(self.delay)
-        return super().write(directory, rank, snapshot)
+        return super().write_rank(location, request)
 
 
 def options_from(d: dict) -> CheckpointManagerOptions:
@@ -289,7 +290,7 @@ def check_after_kill(root: str, seed: int, log: str, keep: Optional[int], size: 
     - every listed step loads bit for bit equal to ``expected_state(seed, step)``, the
       newest restores in place equal to it, and verify calls each COMPLETE.
     """
-    from async_ckpt import verify
+    from async_ckpt.tools import verify
 
     events = read_log(log)
     leftovers = layout.find_leftovers(Path(root))

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import crash_worker as cw
-from async_ckpt import CheckpointManager, CheckpointManagerOptions, layout
+from async_ckpt import CheckpointManager, CheckpointManagerOptions
+import ckpt_layout as layout
 from async_ckpt.errors import CheckpointError, SaveError
-from async_ckpt.storage import NativeStorage
+from async_ckpt.storage.native_files import NativeStorage
 
 
 class RecordingStorage(NativeStorage):
@@ -34,8 +35,8 @@ class RecordingStorage(NativeStorage):
         self.max_active = 0
         self._lock = threading.Lock()
 
-    def write(self, directory, rank, snapshot):
-        step = layout.parse_tmp_dir(Path(directory).name)
+    def write_rank(self, location, request):
+        step = layout.parse_tmp_dir(Path(location).name)
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -43,8 +44,8 @@ class RecordingStorage(NativeStorage):
             time.sleep(self.delay)
             self.order.append(step)
             if step in self.fail:
-                raise OSError(errno.EIO, "injected failure", str(directory))
-            return super().write(directory, rank, snapshot)
+                raise OSError(errno.EIO, "injected failure", str(location))
+            return super().write_rank(location, request)
         finally:
             with self._lock:
                 self.active -= 1

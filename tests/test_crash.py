@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 import crash_worker as cw
-from async_ckpt import faults, layout
+from async_ckpt import faults
+import ckpt_layout as layout
 
 BASE_SEED = int(os.environ.get("ASYNC_CKPT_CRASH_SEED", random.randrange(1 << 30)))
 SOAK_TRIALS = int(os.environ.get("ASYNC_CKPT_SOAK_TRIALS", "100"))

@@ -62,7 +62,9 @@ def test_gpu_rng_and_restore_into_device_model(tmp_path):
 
 import numpy as np  # noqa: E402
 
-from async_ckpt import device_copy, device_crc, native  # noqa: E402
+from async_ckpt import native  # noqa: E402
+from async_ckpt.pipeline import device_copy
+from async_ckpt.pipeline import device_crc
 from native_helpers import chunk_pieces_with_gaps  # noqa: E402
 
 needs_module = pytest.mark.skipif(device_crc.module_path() is None,

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from async_ckpt import CheckpointManager, device_copy, native, snapshot as snapshot_mod
-from async_ckpt.device_copy import CudaMark
-from async_ckpt.plan import plan_save
-from async_ckpt.saving import write_snapshot_and_commit
-from async_ckpt.storage import NativeStorage
-from async_ckpt.verify import PARTIAL, check_step
+from async_ckpt import CheckpointManager, native
+from async_ckpt.pipeline import device_copy
+from async_ckpt.pipeline import snapshot as snapshot_mod
+from async_ckpt.pipeline.device_copy import CudaMark
+from async_ckpt.pipeline.plan import plan_save
+from async_ckpt.pipeline.saving import save_one_rank
+from async_ckpt.storage.commit import RenameCommit
+from async_ckpt.storage.native_files import NativeStorage
+from async_ckpt.tools.verify import PARTIAL, check_step
 
 CHUNK = 64 << 10
 
@@ -127,10 +130,10 @@ def test_finisher_opens_the_gate_group_by_group_and_publishes_device_crcs():
     expected_before = [0] + [bisect.bisect_right(ends, m.front) for m in snap.cuda_marks[:-1]]
     assert seen == expected_before                  # each group released before the next wait
     assert snap.gate.ready == len(plan.chunks)
-    assert snap.crc_known.all()
+    assert snap.crcs.known.all()
     host = snap.buffer.numpy()
     for c, chunk in enumerate(plan.chunks):
-        assert snap.known_crcs[c] == native.crc32c(host[chunk.start:chunk.start + chunk.length])
+        assert snap.crcs.values[c] == native.crc32c(host[chunk.start:chunk.start + chunk.length])
 
 
 def test_device_crcs_flow_into_a_committed_checkpoint(tmp_path):
@@ -138,8 +141,8 @@ def test_device_crcs_flow_into_a_committed_checkpoint(tmp_path):
     snap, _ = snapshot_with_marks(plan)
     storage = NativeStorage(io_threads=2, compression=None)
     threading.Thread(target=snap._finish).start()   # the writer waits on the gate meanwhile
-    info = write_snapshot_and_commit(tmp_path, 3, snap, storage, {}, 0.0)
-    report = check_step(info.path, deep=True)
+    info = save_one_rank(RenameCommit(storage, str(tmp_path)), 3, snap, {}, 0.0)
+    report = check_step(info.location, deep=True)
     assert report.verdict == PARTIAL, report.reason          # intact; only lacks optimizer, RNG, ...
     with CheckpointManager(tmp_path) as mgr:      # load checks every chunk's crc
         loaded = mgr.load(3)
@@ -153,7 +156,7 @@ def test_check_mode_rejects_a_wrong_device_crc_and_commits_nothing(tmp_path, mon
     snap, _ = snapshot_with_marks(plan, crc_of=lambda words: [words[0] ^ 0x10] + list(words[1:]))
     snap._finish()
     with pytest.raises(Exception, match="differs from the host's"):
-        write_snapshot_and_commit(tmp_path, 3, snap, NativeStorage(io_threads=2), {}, 0.0)
+        save_one_rank(RenameCommit(NativeStorage(io_threads=2), str(tmp_path)), 3, snap, {}, 0.0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -212,11 +215,11 @@ def test_enqueue_stages_every_array_and_checksums_every_chunk(monkeypatch, clone
     assert snap.gate.ready == len(plan.chunks)
     strided = next(i for i, a in enumerate(plan.arrays) if a.shape == (30, 20))
     host_checked = {c for c, _, _ in plan.parts[strided]}
-    assert [c for c in range(len(plan.chunks)) if not snap.crc_known[c]] == sorted(host_checked)
+    assert [c for c in range(len(plan.chunks)) if not snap.crcs.known[c]] == sorted(host_checked)
     for c, chunk in enumerate(plan.chunks):
         staged = host[chunk.start:chunk.start + chunk.length]
-        if snap.crc_known[c]:
-            assert snap.known_crcs[c] == native.crc32c(staged)
+        if snap.crcs.known[c]:
+            assert snap.crcs.values[c] == native.crc32c(staged)
     for i in indices:
         assert torch.equal(snapshot_mod._host_destination(plan, buf, host, i)[1], plan.arrays[i].value)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from async_ckpt import ChecksumError, CheckpointError, FormatError, device_crc, native
+from async_ckpt import ChecksumError, CheckpointError, FormatError, native
+from async_ckpt.pipeline import device_crc
 from native_helpers import chunk_pieces_with_gaps
 
 _native = native._native

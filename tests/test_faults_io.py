@@ -157,7 +157,9 @@ def scenario(root: str) -> None:
     import ctypes
 
     import crash_worker as cw
-    from async_ckpt import CheckpointManager, CheckpointManagerOptions, layout, verify
+    from async_ckpt import CheckpointManager, CheckpointManagerOptions
+    import ckpt_layout as layout
+    from async_ckpt.tools import verify
     from async_ckpt.errors import SaveError, StorageError
 
     shim = ctypes.CDLL(None)
@@ -240,7 +242,9 @@ def small_tmpfs():
 
 def test_real_enospc_on_a_full_tmpfs(small_tmpfs):
     import crash_worker as cw
-    from async_ckpt import CheckpointManager, CheckpointManagerOptions, layout, verify
+    from async_ckpt import CheckpointManager, CheckpointManagerOptions
+    import ckpt_layout as layout
+    from async_ckpt.tools import verify
     from async_ckpt.errors import SaveError
 
     root = Path(small_tmpfs) / "run"

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from async_ckpt import fix, layout, rng, verify
+from async_ckpt import rng
+from async_ckpt.tools import fix
+import ckpt_layout as layout
+from async_ckpt.tools import verify
 from async_ckpt.manager import CheckpointManager
-from async_ckpt.saving import write_checkpoint
+from async_ckpt.pipeline.saving import write_checkpoint
 
 import fixtures_legacy as F
 from test_verify import _flip, full_state, run_cli

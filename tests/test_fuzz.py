@@ -33,9 +33,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from async_ckpt import CheckpointManager, CheckpointManagerOptions, layout, native, verify
+from async_ckpt import CheckpointManager, CheckpointManagerOptions, native
+import ckpt_layout as layout
+from async_ckpt.tools import verify
 from async_ckpt.errors import CheckpointError, FormatError
-from async_ckpt.tree import decode_tree, walk_arrays
+from async_ckpt.format.tree import decode_tree, walk_arrays
 
 EXAMPLES = int(os.environ.get("ASYNC_CKPT_FUZZ_EXAMPLES", "100"))
 ATHERIS_SECONDS = int(os.environ.get("ASYNC_CKPT_ATHERIS_SECONDS", "3"))
@@ -486,7 +488,8 @@ RSS_SCRIPT = r"""
 import copy, json, os, resource, sys
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from async_ckpt import CheckpointManager, CheckpointManagerOptions, layout, native
+from async_ckpt import CheckpointManager, CheckpointManagerOptions, native
+from async_ckpt.format import manifest as layout
 from async_ckpt.errors import CheckpointError
 root = Path({root!r})
 doc = json.loads((root / "base.json").read_text())
@@ -575,7 +578,8 @@ import torch  # imported (not instrumented) before the modules under test
 from async_ckpt import errors, native
 from async_ckpt.errors import CheckpointError
 with atheris.instrument_imports():
-    from async_ckpt import layout, tree
+    from async_ckpt.format import manifest as layout
+    from async_ckpt.format import tree
 
 BASE = json.loads(open({base!r}).read())
 DATA = open({data!r}, "rb").read()

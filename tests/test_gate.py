@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from async_ckpt import CheckpointError, CheckpointManager, CheckpointManagerOptions, layout, native
-from async_ckpt import snapshot as snapshot_mod
+from async_ckpt import CheckpointError, CheckpointManager, CheckpointManagerOptions, native
+import ckpt_layout as layout
+from async_ckpt.pipeline import snapshot as snapshot_mod
 
 
 def test_writer_waits_for_each_chunk_and_writes_what_was_staged(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from async_ckpt import layout
+import ckpt_layout as layout
 from async_ckpt.errors import FormatError
 
 
@@ -160,5 +160,7 @@ def test_commit_refuses_to_replace_existing(tmp_path):
     make_step(tmp_path, 7)
     tmp = tmp_path / layout.tmp_dir_name(7)
     tmp.mkdir()
+    manifest = layout.parse_manifest(valid_doc())
     with pytest.raises(FileExistsError):
-        layout.commit(tmp, tmp_path, 7, b"{}")
+        layout.policy(tmp_path).publish(str(tmp), 7, manifest)
+    assert layout.commit_status(tmp_path / "checkpoint-7").committed

@@ -6,7 +6,7 @@ import time
 import torch
 
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
-from async_ckpt.snapshot import Snapshot
+from async_ckpt.pipeline.snapshot import Snapshot
 
 
 def lazy_opts(**kw):
@@ -34,7 +34,7 @@ def test_mutation_through_optimizer_waits_for_the_copy(tmp_path, monkeypatch):
     expected_mom = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
 
     # Slow the background copy down so the fence is what makes the test pass.
-    import async_ckpt.snapshot as snap_mod
+    import async_ckpt.pipeline.snapshot as snap_mod
     real = snap_mod._copy_cpu
 
     def slow_copy(*args, **kwargs):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from async_ckpt import legacy
+from async_ckpt.tools import legacy
 
 import fixtures_legacy as F
 

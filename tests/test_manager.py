@@ -1,6 +1,7 @@
 """CheckpointManager behaviour: API, commit, rotation, errors, backpressure, buffer reuse."""
 
 import threading
+from pathlib import Path
 import time
 
 import numpy as np
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from async_ckpt import (CheckpointError, CheckpointManager, CheckpointManagerOptions, NotCommittedError,
-                        RestoreError, SaveError, layout)
-from async_ckpt.storage import NativeStorage
+                        RestoreError, SaveError)
+import ckpt_layout as layout
+from async_ckpt.storage.native_files import NativeStorage
 
 
 
@@ -179,14 +181,14 @@ class FailingStorage(NativeStorage):
         super().__init__(io_threads=2)
         self.fail_steps, self.delay, self.calls = set(fail_steps), delay, 0
 
-    def write(self, directory, rank, snapshot):
+    def write_rank(self, location, request):
         self.calls += 1
         time.sleep(self.delay)
         if self.calls in self.fail_steps:
             # leave a partial file behind, as a real failure would
-            (directory / "data-r0-0.bin").write_bytes(b"partial")
+            (Path(location) / "data-r0-0.bin").write_bytes(b"partial")
             raise OSError(28, "No space left on device")
-        return super().write(directory, rank, snapshot)
+        return super().write_rank(location, request)
 
 
 def test_background_error_raised_once_with_step_and_tmp_removed(tmp_path):
@@ -284,7 +286,7 @@ def test_large_state_multi_chunk(tmp_path, compression):
 
 
 def test_restore_decodes_straight_into_parameters(tmp_path, monkeypatch):
-    from async_ckpt import restore as restore_mod
+    from async_ckpt.pipeline import restore as restore_mod
 
     torch.manual_seed(0)
     src = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))

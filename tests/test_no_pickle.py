@@ -21,7 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from async_ckpt import CheckpointManager, CheckpointManagerOptions, layout, legacy, verify
+from async_ckpt import CheckpointManager, CheckpointManagerOptions
+import ckpt_layout as layout
+from async_ckpt.tools import legacy
+from async_ckpt.tools import verify
 from async_ckpt.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,7 +145,7 @@ def test_payload_in_legacy_looking_files(tmp_path, kind):
             legacy.check(found)
         verify.check_path(path)
     _exercise(hf.parent, marker)
-    from async_ckpt import fix
+    from async_ckpt.tools import fix
 
     # The CLIs' main() in process (a subprocess each would cost seconds; the CLI itself runs
     # over a planted checkpoint above): unloadable files are never COMPLETE.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
-from async_ckpt.snapshot import PAGE, StagingPool
+from async_ckpt.pipeline.snapshot import PAGE, StagingPool
 
 
 class RecordingPool(StagingPool):

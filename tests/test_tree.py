@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from async_ckpt.errors import FormatError
-from async_ckpt.tree import (MAX_DEPTH, ArrayRef, decode_tree, dtype_name, encode_tree, is_stateful,
+from async_ckpt.format.tree import (MAX_DEPTH, ArrayRef, decode_tree, dtype_name, encode_tree, is_stateful,
                              parse_array_dtype, walk_arrays)
 
 # --------------------------------------------------------------------------- helpers

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from async_ckpt import layout, rng, verify
+from async_ckpt import rng
+import ckpt_layout as layout
+from async_ckpt.tools import verify
 from async_ckpt.manager import CheckpointManager
-from async_ckpt.saving import write_checkpoint
+from async_ckpt.pipeline.saving import write_checkpoint
 
 import fixtures_legacy as F
 
@@ -323,7 +325,7 @@ def test_deep_decodes_and_default_checks_stored_crc(tmp_path):
 
 
 def test_progress_bar_only_on_tty():
-    from async_ckpt.progress import Progress, human_bytes
+    from async_ckpt.tools.progress import Progress, human_bytes
 
     class Tty(io.StringIO):
         def isatty(self):

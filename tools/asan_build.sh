@@ -34,6 +34,9 @@ if [[ "${ASAN_SKIP_BUILD:-0}" != "1" ]]; then
   for f in "$REPO"/async_ckpt/*.py "$REPO"/async_ckpt/*.pyi "$REPO"/async_ckpt/py.typed; do
     ln -s "$f" "$OUT/pkg/async_ckpt/$(basename "$f")"
   done
+  for d in "$REPO"/async_ckpt/*/; do      # subpackages (format, storage, pipeline, tools, ...)
+    [ -f "$d/__init__.py" ] && ln -s "${d%/}" "$OUT/pkg/async_ckpt/$(basename "$d")"
+  done
   cp "$OUT"/lib/async_ckpt/_native*.so "$OUT/pkg/async_ckpt/"
   # The CUDA module (not instrumented; nvcc ignores the sanitizer flags) from the normal build.
   cp "$REPO"/async_ckpt/_cuda_crc*.so "$OUT/pkg/async_ckpt/" 2>/dev/null || true

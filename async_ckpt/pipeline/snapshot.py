@@ -1,10 +1,14 @@
 """Host staging memory and the snapshot copy (the fence between training and IO).
 
 ``StagingPool`` hands out reusable uint8 host buffers (pinned when CUDA is present,
-so device-to-host copies are real DMA). ``take_snapshot`` copies every planned array
-into one buffer: CPU tensors and ndarrays with a plain copy, CUDA tensors on a side
-stream. Both run on the training thread inside ``save_async``; the pool is also
-touched by the background writer thread (``release``), hence the lock.
+so device-to-host copies are real DMA). :func:`copy_into` copies every planned array of
+a :class:`Snapshot` into its buffer: CPU tensors and ndarrays with a plain copy (or the
+native stager), CUDA tensors on a side stream in groups. The manager's ``save_async``
+builds the Snapshot and calls ``copy_into`` on the training thread, after queueing the
+write, so the writer streams chunks as the copy stages them; in lazy mode the rest of the
+copy finishes on the manager's copier thread. The pool is also touched by the background
+writer thread (``release``), hence its lock. ``take_snapshot`` is the one-call form for
+synchronous writers (fix, tests).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..format.dtypes import parse_array_dtype
+from ..storage.base import KnownCrcs
+from . import device_copy
 from .plan import SavePlan
-from .tree import parse_array_dtype
 
 
 PAGE = 4096
@@ -108,8 +114,8 @@ class Snapshot:
     copier finishes the CPU copies, and CUDA copies run on a side stream in groups, each
     ending with the event of a :class:`~async_ckpt.device_copy.CudaMark`. ``gate`` (a native
     Gate) tells the writer which chunks are staged, so writing starts while copying goes on.
-    ``known_crcs``/``crc_known`` carry the chunk checksums computed on the GPU (the writer
-    skips its pass for those chunks). ``wait`` blocks until every byte is staged (the
+    ``crcs`` carries the chunk checksums computed on the GPU (the writer skips its pass
+    for those chunks). ``wait`` blocks until every byte is staged (the
     background writer and ``wait_for_snapshot`` call it); ``fence`` is what the training
     thread calls before mutating fenced tensors (optimizer step pre-hook): it blocks on CPU
     copies but only orders the current CUDA stream after the last copy event.
@@ -120,10 +126,7 @@ class Snapshot:
         self.buffer = buffer
         self.gate = gate
         self.cuda_marks: list = []                      # device_copy.CudaMark, in stream order
-        n = len(plan.chunks)
-        self.known_crcs = np.zeros(n, dtype=np.uint32)  # filled by _finish for crc_known chunks
-        self.crc_known = np.zeros(n, dtype=bool)
-        self.reuse = None       # storage.FrozenFile of the last commit, set by the manager's writer thread
+        self.crcs = KnownCrcs.none(len(plan.chunks))     # filled by _finish, group by group
         self._cpu_done = threading.Event()
         self._all_done = threading.Event()
         self._error: Optional[BaseException] = None
@@ -160,8 +163,8 @@ class Snapshot:
         for mark in self.cuda_marks:
             mark.event.synchronize()
             if mark.crcs is not None:   # words first, flags second, then the gate
-                self.known_crcs[mark.chunks] = mark.crcs.numpy().view(np.uint32)
-                self.crc_known[mark.chunks] = True
+                self.crcs.values[mark.chunks] = mark.crcs.numpy().view(np.uint32)
+                self.crcs.known[mark.chunks] = True
             mark.keep = None                 # the stream is past it: pinned memory may go
             if self.gate is not None:
                 self.gate.advance(bisect.bisect_right(ends, mark.front))
@@ -196,7 +199,7 @@ def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: list[int], gate=Non
     still to copy, and below ``floor`` (the first byte somebody else still has to copy),
     is staged, so those chunks may be written.
     """
-    from . import native
+    from .. import native
 
     host = buffer.numpy()
     ends = plan.chunk_ends
@@ -305,7 +308,6 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
         on_device.sort(key=by_offset)
         cuda_floor = float(plan.offsets[on_device[0]]) if on_device else float("inf")
         if on_device:
-            from . import device_copy
             snap.cuda_marks = device_copy.enqueue(
                 plan, host, on_device, lambda i: _host_destination(plan, buffer, host, i)[1],
                 clone=lambda i: not wait and i not in deferred)

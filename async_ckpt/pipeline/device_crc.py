@@ -45,8 +45,9 @@ def mode() -> str:
 
 
 def module_path() -> Optional[str]:
-    """The built CUDA module next to this package, or None when the build skipped it."""
-    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_cuda_crc*.so")))
+    """The built CUDA module (``async_ckpt/_cuda_crc*.so``), or None when the build skipped it."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = sorted(glob.glob(os.path.join(package, "_cuda_crc*.so")))
     return found[0] if found else None
 
 
@@ -56,7 +57,7 @@ def load() -> Optional[str]:
     with _lock:
         if _loaded or _load_error is not None:
             return _load_error
-        from . import native
+        from .. import native
         path = module_path()
         if path is None:
             _load_error = "the CUDA checksum module was not built (no nvcc at install time)"
@@ -82,7 +83,7 @@ def launch(pieces: np.ndarray, chunk_lens: list[int], stream, device: int):
     pinned allocator does not know this stream uses them).
     """
     import torch
-    from . import native
+    from .. import native
     n = len(chunk_lens)
     words = torch.empty(n, dtype=torch.int32, pin_memory=True)
     workspace = torch.empty(native._native.cuda_crc_workspace_bytes(len(pieces), n), dtype=torch.uint8,
@@ -124,7 +125,7 @@ def disable(device: int, reason: str) -> None:
 def _self_test(device: int) -> Optional[str]:
     """Compare the kernel with the host on ragged pieces with a zero gap; None when equal."""
     import torch
-    from . import native
+    from .. import native
     try:
         gen = torch.Generator().manual_seed(1234)
         host = torch.randint(0, 256, (3 * SEGMENT + 4099,), dtype=torch.uint8, generator=gen)

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .layout import COMMIT_NAME, MANIFEST_NAME, ItemEntry, parse_step_dir
+from ..errors import UnsafeFileError
+from ..format.manifest import ItemEntry
+from ..format.names import COMMIT_NAME, MANIFEST_NAME, parse_step_dir
 
 HF_TRAINER = "hf_trainer"
 ACCELERATE = "accelerate"
@@ -59,10 +61,6 @@ _FILE_KEYS = {
     "data": ("sampler", "data", "dataloader", "data_state"),
 }
 _PROGRESS_KEYS = ("step", "global_step", "epoch", "iteration", "iter", "loss", "best_loss", "best_metric")
-
-
-class UnsafeFileError(Exception):
-    """A file could not be read without executing code (or is not a weights-only file at all)."""
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -414,7 +412,7 @@ def load_state(ckpt: LegacyCheckpoint, seed: int,
     marked reconstructed. Raises UnsafeFileError when a needed file is unreadable.
     """
     if derive_rng is None:
-        from .rng import derived as derive_rng
+        from ..rng import derived as derive_rng
     notes: list[str] = []
     state: dict[str, Any] = {}
     meta: dict[str, ItemEntry] = {}

@@ -13,8 +13,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .layout import ItemEntry
-from .tree import ArrayRef, encode_tree
+from ..format.manifest import ItemEntry
+from ..format.tree import ArrayRef, encode_tree
 
 # Every array starts at a multiple of this in the staging buffer, so a byte view of it can
 # be reinterpreted as any dtype (complex128 has the largest item size, 16).
@@ -73,15 +73,10 @@ class SavePlan:
     chunk_ends: tuple[int, ...] = ()                 # staging end offset of each chunk, ascending
     # Chunks [frozen_from, len(chunks)) hold only frozen parameters (requires_grad=False), laid
     # out last so storage can keep them in a file of their own and reuse it while unchanged;
-    # None when there are none.
-    frozen_from: Optional[int] = None
+    # len(chunks) when there are none.
+    frozen_from: int = 0
     frozen_signature: tuple = ()                     # (address, version, nbytes) of each, in order
     frozen_arrays: tuple[int, ...] = ()              # indices of those arrays, in layout order
-
-    @property
-    def first_frozen_chunk(self) -> int:
-        """Index of the first frozen-parameter chunk; len(chunks) when there is none."""
-        return len(self.chunks) if self.frozen_from is None else self.frozen_from
 
     @property
     def raw_bytes(self) -> int:
@@ -183,7 +178,7 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
     return SavePlan(tree, items, tuple(arrays), tuple(offsets), tuple(chunks), tuple(parts), cursor,
                     tuple(c.start + c.length for c in chunks),
-                    frozen_from, signature, tuple(tail))
+                    len(chunks) if frozen_from is None else frozen_from, signature, tuple(tail))
 
 
 def _key(t: torch.Tensor) -> tuple:

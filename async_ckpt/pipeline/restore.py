@@ -1,22 +1,28 @@
 """Read a committed step back: arrays from chunks, the typed tree, and in-place restore.
 
-Runs on the caller's thread (``CheckpointManager.restore`` / ``load``). The manifest
-has already been validated by :mod:`layout`; here every chunk is checked by the
-native reader before a byte of it reaches a tensor.
+Runs on the caller's thread (``CheckpointManager.restore`` / ``load`` call
+:func:`restore_state` / :func:`load_items`). The manifest has already been validated
+(:mod:`async_ckpt.format.manifest`); here the storage backend checks every chunk before
+a byte of it reaches a tensor. This module matches saved arrays to live destinations and
+decodes into them; it knows nothing of steps or save policy.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .errors import RestoreError
-from .layout import Manifest, check_data_files
-from .storage import Storage
-from .tree import decode_tree, is_stateful, parse_array_dtype, walk_arrays
+from .. import rng
+from ..errors import RestoreError
+from ..format.dtypes import parse_array_dtype
+from ..format.manifest import Manifest
+from ..format.tree import decode_tree, is_stateful, walk_arrays
+from ..storage.base import ReadRequest, Storage
+from ..storage.inspect import check_data_files
+
+RNG_ITEM = "rng"
 
 
 def _allocate(dtype: str, shape: Sequence[int], nbytes: int) -> tuple[Any, np.ndarray]:
@@ -40,7 +46,7 @@ def _byte_view(value: Any) -> np.ndarray:
     return value.reshape(-1).view(np.uint8)
 
 
-def read_arrays(directory: Path, manifest: Manifest, storage: Storage, rank: int = 0,
+def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int = 0,
                 indices: Optional[Iterable[int]] = None,
                 destinations: Optional[Mapping[int, Any]] = None) -> dict[int, Any]:
     """Materialise the requested arrays of ``rank`` (all when ``indices`` is None) on CPU.
@@ -49,12 +55,12 @@ def read_arrays(directory: Path, manifest: Manifest, storage: Storage, rank: int
     right dtype and shape (see :func:`match_destinations`): those are decoded into in place
     instead of into fresh memory. If reading fails, they may hold partial data.
     """
-    check_data_files(directory, manifest)   # before allocating what the manifest declares
-    section = manifest.ranks[rank]
+    check_data_files(storage, location, manifest)   # before allocating what the manifest declares
+    section = manifest.section(rank)
     wanted = sorted(set(range(len(section.arrays)) if indices is None else indices))
     destinations = destinations or {}
     out: dict[int, Any] = {}
-    requests: list[tuple[int, Any]] = []
+    requests: list[ReadRequest] = []
     scatter: dict[int, list[tuple[np.ndarray, int, int, int]]] = {}   # chunk → (dst, dst_off, src_off, len)
     for index in wanted:
         entry = section.arrays[index]
@@ -68,7 +74,7 @@ def read_arrays(directory: Path, manifest: Manifest, storage: Storage, rank: int
         for chunk, offset, length in entry.parts:
             if offset == 0 and length == manifest.chunks[chunk].raw_length and chunk not in scatter:
                 # The chunk is exactly this piece: decode straight into the array.
-                requests.append((chunk, memoryview(raw[cursor:cursor + length])))
+                requests.append(ReadRequest(chunk, manifest.chunks[chunk], memoryview(raw[cursor:cursor + length])))
             else:
                 scatter.setdefault(chunk, []).append((raw, cursor, offset, length))
             cursor += length
@@ -79,9 +85,9 @@ def read_arrays(directory: Path, manifest: Manifest, storage: Storage, rank: int
         except MemoryError:
             raise RestoreError(f"cannot allocate the {manifest.chunks[chunk].raw_length} bytes the "
                                f"manifest declares for chunk {chunk}") from None
-        requests.append((chunk, memoryview(scratch[chunk])))
+        requests.append(ReadRequest(chunk, manifest.chunks[chunk], memoryview(scratch[chunk])))
     if requests:
-        storage.read(directory, manifest, requests)
+        storage.read(location, manifest.files, requests)
     for chunk, pieces in scatter.items():
         src = scratch[chunk]
         for dst, dst_off, src_off, length in pieces:
@@ -224,3 +230,47 @@ def restore_into(target: Any, saved: Any, path: str) -> Any:
             target[:] = saved
         return target
     return saved
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def load_items(storage: Storage, location: str, manifest: Manifest, rank: int = 0) -> dict[str, Any]:
+    """The raw tree of ``rank``: state dicts, tensors on CPU, RNG states."""
+    section = manifest.section(rank)
+    return decode_items(section.tree, read_arrays(storage, location, manifest, rank))
+
+
+def restore_state(storage: Storage, location: str, manifest: Manifest, state: Mapping[str, Any], *,
+                  rank: int = 0, restore_rng: bool = True) -> None:
+    """Restore the items ``state`` names in place (see ``CheckpointManager.restore``).
+
+    Items the checkpoint holds but ``state`` does not name are left alone; an item
+    ``state`` names that the checkpoint lacks raises RestoreError. Matching CPU tensors are
+    decoded into directly; RNG streams are restored last.
+    """
+    section = manifest.section(rank)
+    tree = section.tree
+    saved_names = set(tree["keys"])
+    missing = [name for name in state if name not in saved_names]
+    if missing:
+        raise RestoreError(f"checkpoint step {manifest.step} has no item(s) {missing}; "
+                           f"it holds {sorted(saved_names)}")
+    names = list(state)
+    want_rng = restore_rng and RNG_ITEM in saved_names and RNG_ITEM not in state
+    if want_rng:
+        names.append(RNG_ITEM)
+    destinations: dict[int, Any] = {}
+    for key, node in zip(tree["keys"], tree["values"]):
+        if key in state:
+            match_destinations(state[key], node, section.arrays, destinations)
+    arrays = read_arrays(storage, location, manifest, rank, indices=item_arrays(tree, names),
+                         destinations=destinations)
+    saved = decode_items(tree, arrays, names)
+    if isinstance(state, dict):
+        for name in state:
+            state[name] = restore_into(state[name], saved[name], name)
+    else:
+        for name in state:
+            restore_into(state[name], saved[name], name)
+    if want_rng:
+        rng.restore(saved[RNG_ITEM])

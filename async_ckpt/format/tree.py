@@ -32,13 +32,13 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 
-from .errors import FormatError
+from ..errors import FormatError
+from .dtypes import NP_KINDS, TORCH_ARRAY_NAMES, TORCH_DTYPES, dtype_name, parse_array_dtype
 
 try:  # torch is optional so that verify can check a checkpoint without it
     import torch
@@ -60,103 +60,8 @@ __all__ = [
 Node = Union[None, bool, int, float, str, dict, list]
 MAX_DEPTH = 256
 
-# --------------------------------------------------------------------------- dtypes
-
-# Every torch dtype an array payload may have, with its itemsize. Static so that
-# readers without torch can size payloads; quantized, bits* and sub-byte dtypes
-# are deliberately absent (no stable byte layout).
-_TORCH_ARRAY_ITEMSIZE = {
-    "torch.bool": 1,
-    "torch.uint8": 1, "torch.int8": 1,
-    "torch.uint16": 2, "torch.int16": 2,
-    "torch.uint32": 4, "torch.int32": 4,
-    "torch.uint64": 8, "torch.int64": 8,
-    "torch.float16": 2, "torch.bfloat16": 2, "torch.float32": 4, "torch.float64": 8,
-    "torch.complex32": 4, "torch.complex64": 8, "torch.complex128": 16,
-    "torch.float8_e4m3fn": 1, "torch.float8_e4m3fnuz": 1,
-    "torch.float8_e5m2": 1, "torch.float8_e5m2fnuz": 1,
-    "torch.float8_e8m0fnu": 1, "torch.float4_e2m1fn_x2": 1,
-}
-
-_TORCH_DTYPES: dict[str, Any] = {}       # canonical name -> torch.dtype (all of them, for torch.dtype nodes)
-_TORCH_ARRAY_NAMES: dict[Any, str] = {}  # torch.dtype -> name, array-capable dtypes only
-if torch is not None:
-    for _attr in dir(torch):
-        _obj = getattr(torch, _attr)
-        if isinstance(_obj, torch.dtype) and str(_obj) == "torch." + _attr:
-            _TORCH_DTYPES[str(_obj)] = _obj
-    for _name in _TORCH_ARRAY_ITEMSIZE:
-        if _name in _TORCH_DTYPES:
-            _TORCH_ARRAY_NAMES[_TORCH_DTYPES[_name]] = _name
-    del _attr, _obj, _name
-
 _STRIDED = torch.strided if torch is not None else None
 _TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter}) if torch is not None else frozenset()
-_NP_DTYPE_RE = re.compile(r"[<|][biufc][0-9]{1,2}\Z")
-_NP_KINDS = frozenset("biufc")
-
-
-def parse_array_dtype(dtype: str) -> tuple[str, Any, int]:
-    """Parse an ``arrays[i].dtype`` string into ``(kind, dtype_obj, itemsize)``.
-
-    ``kind`` is ``"torch"`` (``dtype_obj`` a ``torch.dtype``, or ``None`` when torch
-    is not installed) or ``"numpy"`` (``dtype_obj`` a ``numpy.dtype``). Only the
-    canonical spelling is accepted (``torch.float32``, not ``torch.float``; ``<f4``,
-    not ``float32``); numpy dtypes must be bool/int/uint/float/complex and
-    little-endian. Anything else raises ``FormatError``.
-    """
-    if type(dtype) is not str:
-        raise FormatError(f"array dtype must be a string, got {type(dtype).__name__}")
-    if dtype.startswith("torch."):
-        itemsize = _TORCH_ARRAY_ITEMSIZE.get(dtype)
-        if itemsize is None:
-            raise FormatError(f"unsupported array dtype {dtype!r}")
-        if torch is None:
-            return "torch", None, itemsize
-        obj = _TORCH_DTYPES.get(dtype)
-        if obj is None:
-            raise FormatError(f"array dtype {dtype!r} is not available in torch {torch.__version__}")
-        return "torch", obj, itemsize
-    if not _NP_DTYPE_RE.match(dtype):
-        raise FormatError(f"unsupported array dtype {dtype!r}")
-    try:
-        obj = np.dtype(dtype)
-    except (TypeError, ValueError):
-        raise FormatError(f"unsupported array dtype {dtype!r}") from None
-    if obj.str != dtype or obj.kind not in _NP_KINDS or obj.itemsize == 0:
-        raise FormatError(f"unsupported array dtype {dtype!r}")
-    return "numpy", obj, obj.itemsize
-
-
-def _np_dtype_name(dt: np.dtype) -> str | None:
-    if dt.kind not in _NP_KINDS or dt.byteorder == ">" or dt.fields is not None:
-        return None
-    return dt.str
-
-
-def dtype_name(t: Any) -> str:
-    """The ``arrays[i].dtype`` string for a tensor, ndarray, ``torch.dtype`` or ``numpy.dtype``.
-
-    Inverse of :func:`parse_array_dtype`. Raises ``TypeError`` for dtypes that cannot
-    be an array payload (quantized, object, big-endian, ...).
-    """
-    if torch is not None:
-        if isinstance(t, torch.Tensor):
-            t = t.dtype
-        if isinstance(t, torch.dtype):
-            name = _TORCH_ARRAY_NAMES.get(t)
-            if name is None:
-                raise TypeError(f"{t} cannot be stored as an array")
-            return name
-    if isinstance(t, np.ndarray):
-        t = t.dtype
-    if isinstance(t, np.dtype):
-        name = _np_dtype_name(t)
-        if name is None:
-            raise TypeError(f"numpy dtype {t.str!r} cannot be stored as an array "
-                            "(only little-endian bool/int/uint/float/complex)")
-        return name
-    raise TypeError(f"dtype_name() takes a tensor, ndarray or dtype, not {type(t).__name__}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -313,7 +218,7 @@ class _Encoder:
 
     def new_tensor(self, t: Any) -> tuple[int, str]:
         dtype = t.dtype
-        name = _TORCH_ARRAY_NAMES.get(dtype)
+        name = TORCH_ARRAY_NAMES.get(dtype)
         if name is None:
             raise _PathError(f"tensor dtype {dtype} is not supported")
         dev = t.device
@@ -355,7 +260,7 @@ class _Encoder:
         if isinstance(a, np.ma.MaskedArray):
             raise _PathError("numpy masked arrays are not supported")
         dt = a.dtype
-        if dt.kind not in _NP_KINDS or dt.fields is not None:
+        if dt.kind not in NP_KINDS or dt.fields is not None:
             raise _PathError(f"ndarray of dtype {dt} is not supported "
                              "(only bool/int/uint/float/complex)")
         value = a
@@ -379,7 +284,7 @@ class _Encoder:
         return {"$": "ndarray", "array": idx}
 
     def other(self, obj: Any, depth: int) -> Node:
-        if isinstance(obj, np.generic) and obj.dtype.kind in _NP_KINDS:
+        if isinstance(obj, np.generic) and obj.dtype.kind in NP_KINDS:
             return {"$": "npscalar", "dtype": obj.dtype.newbyteorder("<").str,
                     "b64": base64.b64encode(obj.astype(obj.dtype.newbyteorder("<")).tobytes()).decode("ascii")}
         if isinstance(obj, np.ndarray):
@@ -391,7 +296,7 @@ class _Encoder:
                 return {"$": "torch.Size", "v": [int(s) for s in obj]}
             if isinstance(obj, torch.dtype):
                 name = str(obj)
-                if name not in _TORCH_DTYPES:
+                if name not in TORCH_DTYPES:
                     raise _PathError(f"unknown torch dtype {obj}")
                 return {"$": "torch.dtype", "v": name}
             if isinstance(obj, torch.Generator):
@@ -690,7 +595,7 @@ class _Decoder:
             raise _PathError("torch.dtype node: v must be a string")
         if torch is None:
             raise _PathError("torch.dtype node: torch is not installed")
-        obj = _TORCH_DTYPES.get(v)
+        obj = TORCH_DTYPES.get(v)
         if obj is None:
             raise _PathError(f"torch.dtype node: unknown dtype {v!r}")
         return obj

@@ -1,34 +1,30 @@
-"""Directory layout, manifest schema and the commit protocol (docs/FORMAT.md).
+"""The manifest and commit-marker documents (docs/FORMAT.md sections 2, 3 and 6): schema,
+serialisation, validation of untrusted input, and the merge of per-rank results.
 
-This module knows names, JSON documents and the order of durable operations; it
-knows nothing of tensors' meaning or of compression. Everything read from disk is
-untrusted: :func:`parse_manifest` validates a manifest in one pass and raises
-:class:`~async_ckpt.errors.FormatError` naming the first violation.
+No IO here: the commit module reads and writes these documents through a storage backend.
+Everything parsed is untrusted: :func:`parse_manifest` validates a manifest in one pass and
+raises :class:`~async_ckpt.errors.FormatError` naming the first violation. Rank sections are
+reached through :meth:`Manifest.section` and :meth:`Manifest.rank_files`: nothing outside
+this module indexes ``ranks`` by position.
 
-Threads: the manager's background commit thread calls :func:`write_manifest` and
-:func:`commit`; any thread may call the read-only helpers.
+Threads: any thread; every function is pure.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Sequence
 
-from .errors import CheckpointError, FormatError, StorageError
+from ..errors import FormatError
+from .dtypes import parse_array_dtype
+from .names import COMMIT_NAME, MANIFEST_NAME, is_safe_file_name
+from .tree import walk_arrays
 
 FORMAT_NAME = "async_ckpt"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-COMMIT_NAME = "COMMIT"
-LOCK_NAME = ".async_ckpt.lock"
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_COMMIT_BYTES = 4096
 MAX_CHUNK_RAW = 1 << 31
@@ -36,52 +32,15 @@ MAX_CHUNK_RAW = 1 << 31
 MAX_ZSTD_RATIO = 32768
 MAX_ARRAY_BYTES = 1 << 48
 MAX_NDIM = 64
+# A chunk's codec by name; the position is the native extension's codec id.
 CODECS = ("raw", "zstd")
 SHUFFLES = (0, 2, 4, 8)
 ITEM_KINDS = ("model", "optimizer", "scheduler", "progress", "data", "rng", "config",
               "tokenizer", "scaler", "other")
-
-_STEP_DIR = re.compile(r"^checkpoint-(0|[1-9][0-9]{0,18})$")
-_TMP_DIR = re.compile(r"^\.checkpoint-(0|[1-9][0-9]{0,18})\.tmp-[A-Za-z0-9_-]{1,64}$")
-_QUARANTINE_DIR = re.compile(r"^checkpoint-(0|[1-9][0-9]{0,18})\.corrupt-[A-Za-z0-9_-]{1,64}$")
-_SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-# ----------------------------------------------------------------------------- names
-
-def step_dir_name(step: int) -> str:
-    return f"checkpoint-{step}"
-
-
-def tmp_dir_name(step: int) -> str:
-    return f".checkpoint-{step}.tmp-{secrets.token_hex(6)}"
-
-
-def quarantine_dir_name(step: int) -> str:
-    return f"checkpoint-{step}.corrupt-{secrets.token_hex(4)}"
-
-
-def parse_step_dir(name: str) -> int | None:
-    """The step of a final-named step directory, else None."""
-    m = _STEP_DIR.match(name)
-    return int(m.group(1)) if m else None
-
-
-def parse_tmp_dir(name: str) -> int | None:
-    m = _TMP_DIR.match(name)
-    return int(m.group(1)) if m else None
-
-
-def is_safe_file_name(name: str) -> bool:
-    return bool(_SAFE_FILE.match(name)) and name not in (MANIFEST_NAME, COMMIT_NAME)
-
-
-def data_file_name(rank: int, index: int) -> str:
-    return f"data-r{rank}-{index}.bin"
-
-
-# ----------------------------------------------------------------------------- manifest schema
+# ----------------------------------------------------------------------------- schema
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -165,6 +124,21 @@ class Manifest:
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_json(), allow_nan=False, separators=(",", ":")).encode()
 
+    def section(self, rank: int) -> RankSection:
+        """The tree, items and arrays that ``rank`` saved."""
+        if not 0 <= rank < len(self.ranks):
+            raise FormatError(f"manifest of step {self.step} has no rank {rank} "
+                              f"(world_size {self.world_size})")
+        return self.ranks[rank]
+
+    def items(self) -> dict[str, ItemEntry]:
+        """Every rank's items, first rank first (ranks share item names)."""
+        out: dict[str, ItemEntry] = {}
+        for r in self.ranks:
+            for name, entry in r.items.items():
+                out.setdefault(name, entry)
+        return out
+
 
 # ----------------------------------------------------------------------------- validation
 
@@ -224,7 +198,6 @@ def load_json(data: bytes, what: str, cap: int) -> Any:
 
 
 def _array_itemsize(dtype: str, where: str) -> int:
-    from .tree import parse_array_dtype  # tree needs torch/numpy; keep layout import-light
     try:
         return parse_array_dtype(dtype)[2]
     except FormatError as e:
@@ -364,7 +337,6 @@ def parse_manifest(doc: Any) -> Manifest:
         tree = r.get("tree")
         if not isinstance(tree, dict) or tree.get("$") != "dict":
             raise FormatError(f"{where}.tree: top level must be a dict node")
-        from .tree import walk_arrays
         for idx in walk_arrays(tree):
             if type(idx) is not int or not 0 <= idx < len(arrays):
                 raise FormatError(f"{where}.tree: array index {idx!r} out of range (have {len(arrays)})")
@@ -376,232 +348,87 @@ def parse_manifest(doc: Any) -> Manifest:
                     tuple(chunks), tuple(ranks), extra)
 
 
-# ----------------------------------------------------------------------------- reading
-
-@dataclass(frozen=True)
-class CommitStatus:
-    committed: bool
-    reason: str            # "" when committed
-    manifest: Manifest | None = None
+def manifest_digest(manifest_bytes: bytes) -> str:
+    return hashlib.sha256(manifest_bytes).hexdigest()
 
 
-def _read_capped(path: Path, cap: int, what: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        if size > cap:
-            raise FormatError(f"{what}: {size} bytes exceeds the cap of {cap}")
-        chunks = []
-        total = 0
-        while True:
-            # Ask for what fstat promised (plus a little, in case the file grew), never for
-            # the whole cap: os.read allocates the full request up front.
-            b = os.read(fd, min(cap + 1 - total, max(size - total, 0) + 65536))
-            if not b:
-                break
-            chunks.append(b)
-            total += len(b)
-            if total > cap:
-                raise FormatError(f"{what}: exceeds the cap of {cap} bytes")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+def parse_manifest_bytes(data: bytes) -> Manifest:
+    """Parse and validate a manifest file's bytes."""
+    return parse_manifest(load_json(data, MANIFEST_NAME, MAX_MANIFEST_BYTES))
 
 
-def read_commit_marker(step_dir: Path) -> dict[str, Any]:
-    doc = _obj(load_json(_read_capped(step_dir / COMMIT_NAME, MAX_COMMIT_BYTES, COMMIT_NAME),
-                         COMMIT_NAME, MAX_COMMIT_BYTES), COMMIT_NAME)
+# ----------------------------------------------------------------------------- commit marker
+
+def commit_marker_bytes(step: int, manifest_bytes: bytes) -> bytes:
+    """The COMMIT document binding ``step`` to the manifest's SHA-256."""
+    return json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step,
+                       "manifest_sha256": manifest_digest(manifest_bytes)}).encode()
+
+
+def parse_commit_marker(data: bytes) -> dict[str, Any]:
+    """Validate an untrusted COMMIT document; FormatError names the problem."""
+    doc = _obj(load_json(data, COMMIT_NAME, MAX_COMMIT_BYTES), COMMIT_NAME)
     if doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
         raise FormatError(f"{COMMIT_NAME}: unknown format {doc.get('format')!r} "
                           f"version {doc.get('format_version')!r}")
     _int(doc.get("step"), f"{COMMIT_NAME}.step")
     digest = _str(doc.get("manifest_sha256"), f"{COMMIT_NAME}.manifest_sha256")
-    if not _HEX64.match(digest):
+    if not _HEX64.fullmatch(digest):
         raise FormatError(f"{COMMIT_NAME}.manifest_sha256: not 64 lowercase hex digits")
     return doc
 
 
-def read_manifest_bytes(step_dir: Path) -> bytes:
-    return _read_capped(step_dir / MANIFEST_NAME, MAX_MANIFEST_BYTES, MANIFEST_NAME)
+# ----------------------------------------------------------------------------- rank results
 
+@dataclass(frozen=True)
+class RankResult:
+    """What one rank wrote for one step, in rank-local numbering.
 
-def read_manifest(step_dir: Path) -> Manifest:
-    """Parse and validate a step's manifest (without checking the commit marker)."""
-    return parse_manifest(load_json(read_manifest_bytes(step_dir), MANIFEST_NAME, MAX_MANIFEST_BYTES))
-
-
-def commit_status(step_dir: Path) -> CommitStatus:
-    """Whether ``step_dir`` is a committed step (FORMAT.md section 1), and if not, why."""
-    step_dir = Path(step_dir)
-    step = parse_step_dir(step_dir.name)
-    if step is None:
-        return CommitStatus(False, f"{step_dir.name!r} is not a checkpoint-<step> name")
-    if step_dir.is_symlink() or not step_dir.is_dir():
-        return CommitStatus(False, "not a directory")
-    try:
-        marker = read_commit_marker(step_dir)
-    except FileNotFoundError:
-        return CommitStatus(False, "no commit marker (save did not finish)")
-    except (FormatError, OSError) as e:
-        return CommitStatus(False, f"unreadable commit marker: {e}")
-    if marker["step"] != step:
-        return CommitStatus(False, f"commit marker names step {marker['step']}, directory says {step}")
-    try:
-        data = read_manifest_bytes(step_dir)
-    except FileNotFoundError:
-        return CommitStatus(False, "manifest.json missing")
-    except (FormatError, OSError) as e:
-        return CommitStatus(False, f"unreadable manifest: {e}")
-    if hashlib.sha256(data).hexdigest() != marker["manifest_sha256"]:
-        return CommitStatus(False, "manifest digest does not match the commit marker")
-    try:
-        manifest = parse_manifest(load_json(data, MANIFEST_NAME, MAX_MANIFEST_BYTES))
-    except FormatError as e:
-        return CommitStatus(False, f"invalid manifest: {e}")
-    if manifest.step != step:
-        return CommitStatus(False, f"manifest names step {manifest.step}, directory says {step}")
-    return CommitStatus(True, "", manifest)
-
-
-def check_data_files(step_dir: Path, manifest: Manifest) -> None:
-    """Every data file is a regular file (not a symlink) of exactly its recorded size.
-
-    FORMAT.md section 7; readers call this before allocating anything a manifest declares,
-    so a manifest cannot make them allocate for files that are not there."""
-    import errno
-    import stat
-
-    for f in manifest.files:
-        path = Path(step_dir) / f.path
-        try:
-            st = os.lstat(path)
-        except OSError as e:
-            raise StorageError(e.errno, f"{e.strerror} (data file)", str(path)) from None
-        if stat.S_ISLNK(st.st_mode):
-            raise StorageError(errno.ELOOP, "data files must not be symlinks", str(path))
-        if not stat.S_ISREG(st.st_mode):
-            raise FormatError(f"{path}: data file is not a regular file")
-        if st.st_size != f.size:
-            raise FormatError(f"{path}: {st.st_size} bytes on disk, the manifest says {f.size}")
-
-
-def iter_step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
-    """Final-named step directories under root (committed or not), in no particular order."""
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        return
-    for e in entries:
-        step = parse_step_dir(e.name)
-        if step is not None and e.is_dir(follow_symlinks=False):
-            yield step, Path(e.path)
-
-
-def committed_steps(root: Path) -> list[int]:
-    """Ascending steps whose directories are committed."""
-    return sorted(step for step, path in iter_step_dirs(Path(root)) if commit_status(path).committed)
-
-
-def find_leftovers(root: Path) -> list[Path]:
-    """Hidden tmp directories of saves that never committed."""
-    try:
-        return sorted(Path(e.path) for e in os.scandir(root)
-                      if parse_tmp_dir(e.name) is not None and e.is_dir(follow_symlinks=False))
-    except FileNotFoundError:
-        return []
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- writing
-
-def _storage_error(e: OSError, path: Path, what: str) -> StorageError:
-    """The OSError as a StorageError that names the file and the operation (ENOSPC, EIO...)."""
-    return StorageError(e.errno, f"{e.strerror} ({what})", str(path))
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise _storage_error(e, path, "fsync of the directory") from e
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write all of ``data``, fsync, close.
-
-    OS errors are raised as :class:`StorageError` naming ``path``."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        raise _storage_error(e, path, "create") from e
-    try:
-        view = memoryview(data)
-        what = "write"
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        what = "fsync"
-        os.fsync(fd)
-    except OSError as e:
-        raise _storage_error(e, path, what) from e
-    finally:
-        os.close(fd)
-
-
-def commit_marker_bytes(step: int, manifest_bytes: bytes) -> bytes:
-    return json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step,
-                       "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}).encode()
-
-
-def write_manifest(tmp_dir: Path, manifest: Manifest) -> bytes:
-    data = manifest.to_bytes()
-    write_durable(tmp_dir / MANIFEST_NAME, data)
-    return data
-
-
-def commit(tmp_dir: Path, root: Path, step: int, manifest_bytes: bytes, fault=None) -> Path:
-    """Write the marker, fsync, rename tmp → final, fsync the root. Returns the final path.
-
-    ``fault`` is an optional callable taking a fault-point name (tests only)."""
-    hit = fault or (lambda name: None)
-    write_durable(tmp_dir / COMMIT_NAME, commit_marker_bytes(step, manifest_bytes))
-    hit("after_marker")
-    fsync_dir(tmp_dir)
-    final = Path(root) / step_dir_name(step)
-    if os.path.lexists(final):
-        # Never replace anything: a committed step is sacred, and a final-named folder
-        # without our marker is somebody else's (e.g. a Hugging Face checkpoint).
-        raise FileExistsError(f"{final} already exists; refusing to overwrite it")
-    os.rename(tmp_dir, final)
-    hit("after_rename")
-    fsync_dir(Path(root))
-    return final
-
-
-class RootBusyError(CheckpointError):
-    """Another live process holds the checkpoint root's lock."""
-
-
-def lock_root(root: Path) -> int:
-    """Take the root's advisory lock and return its file descriptor (close it to release).
-
-    ``flock`` is released by the kernel when the holder dies, so a killed run never
-    blocks the next one. Raises RootBusyError when a live manager (or fix) holds it.
+    ``chunks[i].file`` indexes ``files``; ``arrays[j].parts`` index ``chunks``. The
+    coordinator merges every rank's result into one manifest with :func:`merge_ranks`.
     """
-    fd = os.open(Path(root) / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RootBusyError(f"{root} is in use by another live CheckpointManager or fix "
-                            f"(lock {LOCK_NAME})") from None
-    return fd
+
+    rank: int
+    files: tuple[FileEntry, ...]
+    chunks: tuple[ChunkEntry, ...]
+    items: dict[str, ItemEntry]
+    tree: Any
+    arrays: tuple[ArrayEntry, ...]
+    reused_bytes: int = 0          # bytes the backend did not write again (e.g. hard-linked)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+
+def merge_ranks(step: int, results: Sequence[RankResult], *, writer: str, created_unix: float,
+                metrics: dict[str, float], extra: dict[str, Any] | None = None) -> Manifest:
+    """One manifest from every rank's result: global file indices, chunk indices shifted
+    into each array's parts. ``results`` must hold ranks 0..N-1, each once."""
+    ordered = sorted(results, key=lambda r: r.rank)
+    if [r.rank for r in ordered] != list(range(len(ordered))) or not ordered:
+        raise ValueError(f"rank results must cover ranks 0..N-1 once, got {[r.rank for r in results]}")
+    files: list[FileEntry] = []
+    chunks: list[ChunkEntry] = []
+    sections: list[RankSection] = []
+    for r in ordered:
+        file_base, chunk_base = len(files), len(chunks)
+        files.extend(FileEntry(f.path, f.size, r.rank) for f in r.files)
+        chunks.extend(ChunkEntry(c.file + file_base, c.offset, c.length, c.raw_length, c.codec, c.shuffle,
+                                 c.crc32c, c.raw_crc32c) if file_base else c for c in r.chunks)
+        arrays = r.arrays if not chunk_base else tuple(
+            ArrayEntry(a.dtype, a.shape, a.nbytes, tuple((c + chunk_base, o, n) for c, o, n in a.parts))
+            for a in r.arrays)
+        sections.append(RankSection(r.rank, dict(r.items), r.tree, arrays))
+    return Manifest(step=step, writer=writer, created_unix=created_unix, world_size=len(ordered),
+                    metrics=dict(metrics), files=tuple(files), chunks=tuple(chunks),
+                    ranks=tuple(sections), extra=dict(extra or {}))
+
+
+def rank_files(manifest: Manifest, rank: int) -> list[int]:
+    """Indices into ``manifest.files`` of the files ``rank`` wrote."""
+    return [i for i, f in enumerate(manifest.files) if f.rank == rank]

@@ -1,0 +1,291 @@
+"""A step's lifecycle on a store: where it is written, when it becomes visible, how it goes.
+
+A step counts as committed only when a location with its final name (``checkpoint-N``)
+holds a ``COMMIT`` marker whose digest matches its manifest (docs/FORMAT.md section 1).
+:meth:`CommitPolicy.status` is the one place that decides it; listing, restore, verify
+and fix all use the :class:`CommitStatus` it returns.
+
+Two policies, one contract (tests/test_storage_contract.py runs both):
+
+* :class:`RenameCommit` (POSIX files): write into a hidden ``.checkpoint-N.tmp-<id>``,
+  then manifest, marker, fsync, rename to the final name, fsync the root. Deleting hides
+  first (rename back to a tmp name), so a crash mid-delete leaves a leftover, never a
+  half-deleted step that still looks committed.
+* :class:`MarkerLastCommit` (stores without rename): write under the final name; the
+  marker goes last, and a step without a marker is a leftover. Deleting removes the marker
+  first, for the same reason.
+
+Call sequence of one save, on the coordinator's background thread: :meth:`begin` →
+(every rank writes its data into the returned location) → :meth:`publish` with the
+merged manifest, or :meth:`abort` on any failure. Readers call :meth:`status`,
+:meth:`committed` and :meth:`leftovers` on any thread. One process at a time changes a
+root: :meth:`lock` (the manager and fix hold it).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..errors import CheckpointError, FormatError
+from ..format import names
+from ..format.manifest import (MAX_COMMIT_BYTES, MAX_MANIFEST_BYTES, Manifest, commit_marker_bytes,
+                               manifest_digest, parse_commit_marker, parse_manifest_bytes)
+from .base import Storage
+
+Fault = Callable[[str], None]
+
+
+def _no_fault(name: str) -> None:
+    pass
+
+
+class MarkerState(enum.Enum):
+    OK = "ok"
+    MISSING = "missing"
+    BAD = "bad"
+
+
+@dataclass(frozen=True)
+class CommitStatus:
+    """Everything known about one step location after reading its marker and manifest."""
+
+    name: str
+    step: Optional[int]
+    marker: MarkerState
+    marker_problem: str = ""          # why the marker is MISSING/BAD
+    manifest: Optional[Manifest] = None
+    manifest_found: bool = False      # a manifest object exists (valid or not)
+    manifest_problem: str = ""        # unreadable, invalid or naming another step
+    is_location: bool = True          # False: the name is a file, a symlink or missing
+
+    @property
+    def committed(self) -> bool:
+        return (self.is_location and self.marker is MarkerState.OK and self.manifest is not None
+                and not self.manifest_problem and names.parse_step_dir(self.name) is not None)
+
+    @property
+    def reason(self) -> str:
+        """Why it is not committed ("" when it is)."""
+        if self.committed:
+            return ""
+        if not self.is_location:
+            return "not a directory"
+        if names.parse_step_dir(self.name) is None:
+            return f"{self.name!r} is not a checkpoint-<step> name"
+        return self.marker_problem or self.manifest_problem
+
+
+class CommitPolicy(abc.ABC):
+    """How steps under one root become visible and go away, on one storage backend."""
+
+    def __init__(self, storage: Storage, root: str) -> None:
+        self.storage = storage
+        self.root = root
+
+    def where(self, name: str) -> str:
+        return self.storage.join(self.root, name)
+
+    # ------------------------------------------------------------------ one save
+
+    @abc.abstractmethod
+    def begin(self, step: int) -> str:
+        """Create the location the ranks write ``step`` into; return it."""
+
+    def publish(self, location: str, step: int, manifest: Manifest, fault: Fault = _no_fault) -> str:
+        """Write the manifest, then the marker, and make the step visible; return its final
+        location. Every rank's data must already be durable in ``location``."""
+        data = manifest.to_bytes()
+        self.storage.put(location, names.MANIFEST_NAME, data)
+        fault("after_manifest")
+        self.storage.put(location, names.COMMIT_NAME, commit_marker_bytes(step, data))
+        fault("after_marker")
+        return self._make_visible(location, step, fault)
+
+    @abc.abstractmethod
+    def _make_visible(self, location: str, step: int, fault: Fault) -> str:
+        ...
+
+    def abort(self, location: str) -> None:
+        """Remove a save that will not commit (its marker, if any, goes first)."""
+        self.storage.remove(location, names.COMMIT_NAME)
+        self.storage.remove(location)
+
+    # ------------------------------------------------------------------ reading
+
+    def status(self, name: str) -> CommitStatus:
+        """Read the marker and manifest of the location ``name`` under the root."""
+        step = names.step_of_any(name)
+        storage = self.storage
+        info = storage.stat(self.root, name)
+        if info is None or info.kind != "location":
+            return CommitStatus(name, step, MarkerState.MISSING, "not a directory", is_location=False)
+        location = self.where(name)
+        marker_doc = None
+        try:
+            marker_doc = parse_commit_marker(storage.get(location, names.COMMIT_NAME, MAX_COMMIT_BYTES))
+            marker, marker_problem = MarkerState.OK, ""
+            if step is not None and marker_doc["step"] != step:
+                marker, marker_problem = (MarkerState.BAD, f"commit marker names step {marker_doc['step']}, "
+                                                           f"the directory says {step}")
+        except FileNotFoundError:
+            marker, marker_problem = MarkerState.MISSING, "no commit marker (the save did not finish)"
+        except (FormatError, OSError) as e:
+            marker, marker_problem = MarkerState.BAD, f"unreadable commit marker: {e}"
+        try:
+            data: Optional[bytes] = storage.get(location, names.MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            return CommitStatus(name, step, marker, marker_problem, None, False, "manifest.json missing")
+        except (FormatError, OSError) as e:
+            return CommitStatus(name, step, marker, marker_problem, None, True, f"unreadable manifest: {e}")
+        if marker is MarkerState.OK and marker_doc is not None and manifest_digest(data) != marker_doc["manifest_sha256"]:
+            marker, marker_problem = MarkerState.BAD, "manifest digest does not match the commit marker"
+        try:
+            manifest = parse_manifest_bytes(data)
+        except FormatError as e:
+            return CommitStatus(name, step, marker, marker_problem, None, True, f"invalid manifest: {e}")
+        problem = ""
+        if step is not None and manifest.step != step:
+            problem = f"manifest names step {manifest.step}, the directory says {step}"
+        return CommitStatus(name, step, marker, marker_problem, manifest, True, problem)
+
+    def step_names(self) -> list[tuple[int, str]]:
+        """Final-named step locations (committed or not), ascending by step."""
+        return sorted((s, e.name) for e in self.storage.list(self.root)
+                      if e.is_location and (s := names.parse_step_dir(e.name)) is not None)
+
+    def committed(self) -> dict[int, CommitStatus]:
+        """Every committed step's status, by step."""
+        out = {}
+        for step, name in self.step_names():
+            status = self.status(name)
+            if status.committed:
+                out[step] = status
+        return out
+
+    def status_of_step(self, step: int) -> CommitStatus:
+        return self.status(names.step_dir_name(step))
+
+    @abc.abstractmethod
+    def leftovers(self) -> list[str]:
+        """Names of saves that can never commit (crashed, or half-deleted)."""
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove every leftover; return their names. Coordinator only, at open."""
+        found = self.leftovers()
+        for name in found:
+            self.storage.remove(self.where(name))
+        return found
+
+    # ------------------------------------------------------------------ removing and repairing
+
+    @abc.abstractmethod
+    def delete(self, step: int, fault: Fault = _no_fault) -> None:
+        """Delete committed ``step`` so that no crash leaves it looking committed."""
+
+    def quarantine(self, step: int) -> str:
+        """Set ``step`` aside as ``checkpoint-N.corrupt-<id>`` (nothing deleted); return the name."""
+        target = names.quarantine_dir_name(step)
+        self.storage.move(self.where(names.step_dir_name(step)), self.where(target))
+        self.storage.sync(self.root)
+        return target
+
+    def rewrite_marker(self, step: int) -> None:
+        """A new marker binding the step's current manifest (fix decides when that is safe)."""
+        location = self.where(names.step_dir_name(step))
+        data = self.storage.get(location, names.MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        self.storage.put(location, names.COMMIT_NAME, commit_marker_bytes(step, data), replace=True)
+        self.storage.sync(location)
+
+    def replace(self, location: str, step: int, manifest: Manifest, set_aside: str) -> str:
+        """Publish ``location`` as ``step`` in place of the committed step of that name, which
+        moves to ``set_aside`` first (and back if publishing fails). Needs rename."""
+        raise CheckpointError(f"{self.storage.describe(self.root)}: replacing a committed step needs a "
+                              "store with atomic rename")
+
+    def lock(self) -> Optional[Callable[[], None]]:
+        """The root's lock (RootBusyError when another live process holds it)."""
+        return self.storage.lock(self.root)
+
+
+class RenameCommit(CommitPolicy):
+    """tmp location → manifest → marker → fsync → rename → fsync root (POSIX files)."""
+
+    def begin(self, step: int) -> str:
+        location = self.where(names.tmp_dir_name(step))
+        self.storage.create_location(location)
+        return location
+
+    def _make_visible(self, location: str, step: int, fault: Fault) -> str:
+        self.storage.sync(location)
+        final = self.where(names.step_dir_name(step))
+        self.storage.move(location, final)
+        fault("after_rename")
+        self.storage.sync(self.root)
+        return final
+
+    def leftovers(self) -> list[str]:
+        return sorted(e.name for e in self.storage.list(self.root)
+                      if e.is_location and names.parse_tmp_dir(e.name) is not None)
+
+    def delete(self, step: int, fault: Fault = _no_fault) -> None:
+        final = self.where(names.step_dir_name(step))
+        hidden = self.where(names.tmp_dir_name(step))
+        try:
+            self.storage.move(final, hidden)
+        except FileNotFoundError:
+            return
+        fault("during_rotation")
+        self.storage.remove(hidden)
+
+    def replace(self, location: str, step: int, manifest: Manifest, set_aside: str) -> str:
+        data = manifest.to_bytes()
+        self.storage.put(location, names.MANIFEST_NAME, data)
+        self.storage.put(location, names.COMMIT_NAME, commit_marker_bytes(step, data))
+        self.storage.sync(location)
+        final = self.where(names.step_dir_name(step))
+        self.storage.move(final, set_aside)
+        try:
+            self.storage.move(location, final)
+        except BaseException:
+            self.storage.move(set_aside, final)
+            raise
+        self.storage.sync(self.root)
+        return final
+
+
+class MarkerLastCommit(CommitPolicy):
+    """Data, then manifest, then marker, all under the final name (stores without rename)."""
+
+    def begin(self, step: int) -> str:
+        location = self.where(names.step_dir_name(step))
+        if self.storage.stat(self.root, names.step_dir_name(step)) is not None:
+            raise FileExistsError(f"{self.storage.describe(location)} already exists; refusing to overwrite it")
+        self.storage.create_location(location)
+        return location
+
+    def _make_visible(self, location: str, step: int, fault: Fault) -> str:
+        self.storage.sync(location)
+        return location
+
+    def leftovers(self) -> list[str]:
+        # Only a missing marker marks a leftover: a damaged one is kept for verify and fix.
+        out = []
+        for step, name in self.step_names():
+            if self.storage.stat(self.where(name), names.COMMIT_NAME) is None:
+                out.append(name)
+        return out
+
+    def delete(self, step: int, fault: Fault = _no_fault) -> None:
+        location = self.where(names.step_dir_name(step))
+        self.storage.remove(location, names.COMMIT_NAME)
+        self.storage.sync(location)
+        fault("during_rotation")
+        self.storage.remove(location)
+
+
+def policy_for(storage: Storage, root: str) -> CommitPolicy:
+    """Rename-based commit where the store can rename atomically, marker-last elsewhere."""
+    return (RenameCommit if storage.supports_rename else MarkerLastCommit)(storage, root)

@@ -1,0 +1,401 @@
+"""``python -m async_ckpt.fix PATH``: repair what can be repaired, say plainly what cannot.
+
+Sequence: verify PATH (every chunk's crc) → print the plan → act (unless ``--dry-run``)
+→ verify again and print the result. Everything it changes is backed up first into
+``<root>/.backup/`` (named in the output) unless ``--no-backup``. A second run finds
+nothing to do and says "nothing to fix".
+
+What it does, per entry of the root (or the one PATH):
+
+* leftovers of crashed saves (``.checkpoint-N.tmp-*``, final-named folders with neither
+  manifest nor marker, its own ``.fix-*`` scratch folders): moved to the backup / removed;
+* a missing or mismatched ``COMMIT`` marker: rewritten, only when the manifest is valid
+  and every chunk verifies;
+* a committed step without RNG or training state: rewritten with RNG derived from
+  (``--seed``, step) and ``{"step": N}``, both marked *reconstructed*;
+* legacy layouts (Hugging Face Trainer, Accelerate, one ``torch.save`` file): converted
+  into a committed ``checkpoint-N`` with items ``model``, ``optimizer``, ``scheduler``,
+  ``progress``, ``rng`` (+ ``config``, ``tokenizer``, ``scaler``, ``data``); a folder
+  named ``checkpoint-N`` is replaced in place (the original goes to the backup), anything
+  else gets a ``checkpoint-N`` beside it and is left untouched;
+* a corrupt step: only with ``--quarantine``, renamed ``checkpoint-N.corrupt-<id>`` so
+  ``latest_step()`` skips it. Optimizer moments and corrupt bytes cannot be rebuilt.
+
+Exit code: the verdict after fixing, as for verify (0 complete, 1 partial, 2 corrupt /
+uncommitted / not a checkpoint), 64 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..errors import RootBusyError
+from ..format import names
+from ..storage.commit import RenameCommit
+from ..storage.native_files import fsync_dir
+from . import legacy, verify
+from .verify import CORRUPT, EXIT_CODES, EXIT_USAGE, NOT_A_CHECKPOINT, OURS, Repair, StepReport
+
+BACKUP_DIR = ".backup"
+_SCRATCH = re.compile(r"^\.fix-[0-9a-f]{8,32}$")
+
+
+@dataclass
+class Action:
+    what: str                      # one line for the plan
+    run: Callable[[], str]         # does it; returns one line for the log
+
+
+class Fixer:
+    """Plans and applies the repairs for one PATH. Single-threaded; holds the root's lock."""
+
+    def __init__(self, path: Path, *, seed: int = 0, backup: bool = True, quarantine: bool = False,
+                 step: int | None = None, out=None) -> None:
+        self.path = Path(path)
+        self.seed = seed
+        self.backup = backup
+        self.quarantine = quarantine
+        self.step = step
+        self.out = out or sys.stdout
+        self.is_root = verify.is_root(self.path)
+        self.root = self.path if self.is_root else self.path.parent
+        self.actions: list[Action] = []
+        self.cannot: list[str] = []
+        self.already: list[str] = []
+        self.result_path = self.path   # what to verify afterwards (a conversion's or quarantine's target)
+        self._policy: RenameCommit | None = None
+
+    @property
+    def policy(self) -> RenameCommit:
+        """The root's commit policy (local files: rename-based), built on first use."""
+        if self._policy is None:
+            from ..storage.native_files import NativeStorage
+            self._policy = RenameCommit(NativeStorage(), str(self.root))
+        return self._policy
+
+    # ------------------------------------------------------------------ helpers
+
+    def _say(self, line: str = "") -> None:
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def backup_path(self, name: str) -> Path:
+        base = self.root / BACKUP_DIR
+        base.mkdir(exist_ok=True)
+        target = base / name
+        n = 1
+        while os.path.lexists(target):
+            target = base / f"{name}.{n}"
+            n += 1
+        return target
+
+    def _set_aside(self, path: Path) -> str:
+        """Move ``path`` into the backup (or delete it with --no-backup); return what happened."""
+        if self.backup:
+            target = self.backup_path(path.name)
+            os.rename(path, target)
+            fsync_dir(str(self.root))
+            return f"backup: {target}"
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        fsync_dir(str(self.root))
+        return "deleted (--no-backup)"
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self) -> verify.StepReport | verify.RootReport:
+        report = verify.check_path(self.path, step=self.step if self.is_root else None)
+        if isinstance(report, verify.RootReport):
+            for rep in report.steps:
+                self._plan_step(rep)
+            for e in sorted(os.scandir(self.root), key=lambda e: e.name):
+                if _SCRATCH.match(e.name) and e.is_dir(follow_symlinks=False):
+                    p = Path(e.path)
+                    self.actions.append(Action(f"remove {e.name} (scratch left by an interrupted fix)",
+                                               lambda p=p: self._set_aside(p)))
+        else:
+            self._plan_step(report)
+        return report
+
+    def _plan_step(self, rep: StepReport) -> None:
+        path = Path(rep.path)
+        name = rep.name
+        if rep.verdict == NOT_A_CHECKPOINT:
+            self.cannot.append(rep.reason)
+            return
+        if rep.layout == OURS and rep.finding(Repair.REMOVE_LEFTOVER) is not None:
+            strangers = [e.name for e in os.scandir(path) if not names.is_data_file_name(e.name)]
+            if strangers:   # not only our data files: somebody else's folder, leave it alone
+                self.cannot.append(f"{name}: holds files this tool does not recognise "
+                                   f"({', '.join(sorted(strangers)[:5])}); left alone")
+                return
+            self.actions.append(Action(f"remove {name}: leftover of a crashed save",
+                                       lambda: self._set_aside(path)))
+            return
+        if rep.layout == "leftover":
+            self.actions.append(Action(f"remove {name}: leftover of a crashed save",
+                                       lambda: self._set_aside(path)))
+            return
+        if rep.layout in legacy.LAYOUT_NAMES:
+            self._plan_legacy(rep, path)
+            return
+        if names.parse_quarantine_dir(name) is not None:
+            return   # already quarantined
+        if rep.finding(Repair.REWRITE_MARKER) is not None:
+            self.actions.append(Action(f"{name}: write a new commit marker ({rep.reason}); the manifest "
+                                       "is valid and every chunk verifies",
+                                       lambda: self._rewrite_marker(path, rep.step)))
+            return
+        if rep.verdict == CORRUPT:
+            self._plan_corrupt(rep, path)
+            return
+        adds = [k for f in rep.findings if f.repair is Repair.ADD_RECONSTRUCTED for k in f.kinds]
+        if adds:
+            label = " and ".join(verify.COMPONENT_NAMES[k] for k in adds)
+            self.actions.append(Action(f"{name}: add {label}, reconstructed from seed {self.seed} and "
+                                       f"step {rep.step}",
+                                       lambda: self._add_items(path, rep.step, adds)))
+        self._cannot_reconstruct(rep)
+
+    def _cannot_reconstruct(self, rep: StepReport) -> None:
+        """What is missing and no repair adds, with its cost."""
+        kind_of = {cost: kind for kind, _, _, cost in verify.COMPONENTS}
+        for cost in rep.missing:
+            if kind_of.get(cost) not in ("rng", "progress"):
+                self.cannot.append(f"{rep.name}: {cost} (cannot be reconstructed)")
+
+    def _plan_corrupt(self, rep: StepReport, path: Path) -> None:
+        what = (f"{len(rep.bad_chunks)} bad chunk(s)" if rep.bad_chunks else "; ".join(rep.problems[:3]))
+        if self.quarantine and rep.step is not None:
+            self.actions.append(Action(f"{rep.name}: quarantine it ({what}) so restore skips it",
+                                       lambda: self._quarantine(path, rep.step)))
+        else:
+            self.cannot.append(f"{rep.name} is CORRUPT ({what}): corrupt data cannot be rebuilt; "
+                               "re-run with --quarantine to set it aside")
+
+    def _plan_legacy(self, rep: StepReport, path: Path) -> None:
+        found = legacy.detect(path)
+        assert found is not None
+        if rep.verdict == CORRUPT:
+            if self.quarantine and names.parse_step_dir(path.name) is not None:
+                self.actions.append(Action(f"{rep.name}: quarantine it ({'; '.join(rep.problems[:3])})",
+                                           lambda: self._quarantine(path, found.step)))
+            else:
+                self.cannot.append(f"{rep.name}: cannot convert, unreadable: {'; '.join(rep.problems)}"
+                                   + (" (--quarantine sets it aside)" if names.parse_step_dir(path.name)
+                                      is not None else ""))
+            return
+        step = found.step if found.step is not None else 0
+        in_place = path.is_dir() and names.parse_step_dir(path.name) == step
+        target = self.root / names.step_dir_name(step)
+        if not in_place and not self.is_root:
+            self.result_path = target
+        if not in_place and os.path.lexists(target):
+            if self.policy.status(target.name).committed:
+                self.already.append(f"{rep.name}: already converted into {target.name}")
+            else:
+                self.cannot.append(f"{rep.name}: cannot convert, {target} exists and is not ours")
+            return
+        where = "in place" if in_place else f"into {target}"
+        self.actions.append(Action(f"{rep.name}: convert {found.description} {where}",
+                                   lambda: self._convert(found, in_place)))
+        self._cannot_reconstruct(rep)
+
+    # ------------------------------------------------------------------ actions
+
+    def _rewrite_marker(self, step_dir: Path, step: int) -> str:
+        marker = step_dir / names.COMMIT_NAME
+        msg = "old marker: none"
+        if os.path.lexists(marker):
+            if self.backup:
+                target = self.backup_path(step_dir.name)
+                target.mkdir()
+                shutil.copy2(marker, target / names.COMMIT_NAME, follow_symlinks=False)
+                msg = f"backup: {target / names.COMMIT_NAME}"
+            else:
+                msg = "old marker overwritten (--no-backup)"
+        self.policy.rewrite_marker(step)
+        return f"wrote {marker}; {msg}"
+
+    def _quarantine(self, step_dir: Path, step: int) -> str:
+        target = self.root / self.policy.quarantine(step)
+        if self.result_path == step_dir:
+            self.result_path = target
+        return f"renamed to {target.name} (nothing deleted; restore ignores it)"
+
+    def _swap_in(self, step: int, state: dict, meta: dict, original: Path | None,
+                 metrics: dict | None = None) -> str:
+        """Write ``state`` as committed ``step`` into a new tmp location, then commit it,
+        in place of ``original`` when given: the original is untouched until the new step
+        is complete, then moved to the backup, and put back if the final rename fails."""
+        from .. import faults
+        from ..pipeline.saving import write_state
+
+        policy = self.policy
+        location = policy.begin(step)
+        try:
+            manifest = write_state(policy.storage, location, step, state, item_meta=meta, metrics=metrics)
+            if original is None:
+                final = Path(policy.publish(location, step, manifest, faults.hit))
+                return f"wrote {final}"
+            aside = self.backup_path(original.name) if self.backup else self.root / names.tmp_dir_name(step)
+            final = Path(policy.replace(location, step, manifest, str(aside)))
+        except BaseException:
+            policy.abort(location)
+            raise
+        if self.backup:
+            return f"wrote {final}; original kept in {aside}"
+        policy.storage.remove(str(aside))
+        return f"wrote {final}; original deleted (--no-backup)"
+
+    def _convert(self, found: legacy.LegacyCheckpoint, in_place: bool) -> str:
+        conv = legacy.load_state(found, self.seed)
+        result = self._swap_in(conv.step, conv.state, conv.item_meta, found.path if in_place else None)
+        return "; ".join([result] + conv.notes)
+
+    def _add_items(self, step_dir: Path, step: int, kinds: list[str]) -> str:
+        from .. import rng
+        from ..format.manifest import ItemEntry
+        from ..pipeline.restore import load_items
+
+        status = self.policy.status(step_dir.name)
+        manifest = status.manifest
+        if not status.committed or manifest is None or manifest.world_size != 1:
+            raise RuntimeError("only committed single-rank steps can be extended")
+        state = load_items(self.policy.storage, str(step_dir), manifest)
+        meta = dict(manifest.section(0).items)
+        if "rng" in kinds:
+            name = "rng" if "rng" not in state else "rng_reconstructed"
+            state[name] = rng.derived(self.seed, step)
+            meta[name] = ItemEntry("rng", f"derived from seed {self.seed}", reconstructed=True)
+        if "progress" in kinds:
+            name = "progress" if "progress" not in state else "progress_reconstructed"
+            state[name] = {"step": step}
+            meta[name] = ItemEntry("progress", "step from the folder name", reconstructed=True)
+        return self._swap_in(step, state, meta, step_dir, dict(manifest.metrics))
+
+    # ------------------------------------------------------------------ driver
+
+    def run(self, dry_run: bool = False) -> int:
+        try:
+            release = self._lock()
+        except RootBusyError as e:
+            self._say(f"fix: {e}; stop the training run first")
+            return EXIT_CODES[CORRUPT]
+        try:
+            return self._run(dry_run)
+        finally:
+            if release is not None:
+                release()
+
+    def _lock(self):
+        if not self.root.is_dir():
+            return None
+        try:
+            return self.policy.lock()
+        except RootBusyError:
+            raise
+        except OSError:
+            return None   # read-only root: the plan still prints; acting will fail plainly
+
+    def _run(self, dry_run: bool) -> int:
+        from . import report as report_mod
+
+        before = self.plan()
+        if before.verdict == NOT_A_CHECKPOINT and not self.actions:
+            for line in self.cannot or [getattr(before, "reason", "") or f"{self.path}: no checkpoints"]:
+                self._say(f"fix: {line}")
+            return EXIT_CODES[NOT_A_CHECKPOINT]
+        self._say(f"fix {self.path}")
+        for line in self.already:
+            self._say(f"  {line}")
+        if not self.actions:
+            self._say("nothing to fix" + (" (what is left cannot be fixed, see below)" if self.cannot else ""))
+        else:
+            self._say("plan:")
+            for i, a in enumerate(self.actions, 1):
+                self._say(f"  {i}. {a.what}")
+            if self.backup:
+                self._say(f"  backups go to {self.root / BACKUP_DIR}")
+        for line in self.cannot:
+            self._say(f"  cannot fix: {line}")
+        if dry_run or not self.actions:
+            if dry_run and self.actions:
+                self._say("dry run: nothing changed")
+            if self.result_path != self.path and not dry_run:
+                return self._verify_result().exit_code
+            return before.exit_code
+        failed = 0
+        for i, a in enumerate(self.actions, 1):
+            try:
+                self._say(f"  {i}. done: {a.run()}")
+            except Exception as e:  # noqa: BLE001 - report every failure, keep going with the rest
+                failed += 1
+                self._say(f"  {i}. FAILED: {type(e).__name__}: {e}")
+        self._say("")
+        self._say("result:")
+        after = self._verify_result()
+        report_mod.render(after, self.out)
+        return max(after.exit_code, 2) if failed else after.exit_code
+
+    def _verify_result(self) -> verify.StepReport | verify.RootReport:
+        return verify.check_path(self.result_path, step=self.step if self.is_root else None)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+HELP_EPILOG = """\
+exit codes (the verdict after fixing, as for verify):
+  0   COMPLETE      1   PARTIAL (what cannot be reconstructed is listed)
+  2   CORRUPT / UNCOMMITTED / not a checkpoint / an action failed
+  64  usage error
+
+Backups go to <root>/.backup/ unless --no-backup. Running fix twice is safe: the second
+run says "nothing to fix".
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m async_ckpt.fix",
+                description="Repair a checkpoint root, step or legacy checkpoint: remove crashed saves' "
+                            "leftovers, re-commit verified steps, convert legacy layouts, add missing RNG "
+                            "state, quarantine corrupt steps.",
+                epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a manager's root, a checkpoint-N directory, or a legacy checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument("--no-backup", action="store_true", help="delete instead of moving to <root>/.backup/")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for reconstructed RNG states (derived from seed and step; default 0)")
+    p.add_argument("--quarantine", action="store_true",
+                   help="rename corrupt steps to checkpoint-N.corrupt-<id> so restore skips them")
+    p.add_argument("--step", type=int, help="in a root, fix only this step")
+    return p
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    if args.step is not None and args.step < 0:
+        build_parser().error("--step must be >= 0")
+    fixer = Fixer(Path(args.path), seed=args.seed, backup=not args.no_backup,
+                  quarantine=args.quarantine, step=args.step)
+    return fixer.run(dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
