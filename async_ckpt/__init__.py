@@ -17,7 +17,7 @@ _EXPORTS = {
     "ResumableSampler": "data", "train_val_split": "data",
     "CheckpointError": "errors", "ChecksumError": "errors", "CodecError": "errors",
     "FormatError": "errors", "NotCommittedError": "errors", "RestoreError": "errors",
-    "SaveError": "errors", "StorageError": "errors",
+    "RootBusyError": "errors", "SaveError": "errors", "StorageError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -25,7 +25,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .data import ResumableSampler, train_val_split
     from .errors import (CheckpointError, ChecksumError, CodecError, FormatError, NotCommittedError,
-                         RestoreError, SaveError, StorageError)
+                         RestoreError, RootBusyError, SaveError, StorageError)
     from .manager import CheckpointManager, SaveHandle, SaveResult
     from .options import CheckpointManagerOptions
 

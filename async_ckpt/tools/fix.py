@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import secrets
 import shutil
 import sys
 from dataclasses import dataclass
