@@ -453,20 +453,23 @@ class CheckpointManager:
         return load_items(self._storage, location, manifest)
 
     def restore(self, state: Mapping[str, Any], step: Optional[int] = None, *,
-                restore_rng: bool = True) -> Optional[int]:
+                restore_rng: bool = True, atomic: bool = True) -> Optional[int]:
         """Restore the items named by ``state`` in place; return the step, or None when
         nothing is committed (and ``step`` was not given).
 
         Items the checkpoint holds but ``state`` does not name are left alone; an item
         ``state`` names that the checkpoint lacks raises RestoreError. RNG streams are
-        restored last. Matching CPU tensors (module parameters and buffers, tensors in
-        dicts) are decoded into directly, so each byte is read once; if a restore raises
-        (e.g. a ChecksumError), those targets may hold partial data.
+        restored last. By default (``atomic``) every chunk is checked before a byte reaches
+        a live tensor, and shapes and module keys before any item is applied: a restore that
+        raises (a ChecksumError, a mismatched model) leaves ``state`` as it was. With
+        ``atomic=False`` matching CPU tensors (module parameters and buffers, tensors in
+        dicts) are decoded into directly, one copy less; if that restore raises, those
+        targets may hold partial data.
         """
         self._check_open()
         resolved = self._resolve_step(step)
         if resolved is None:
             return None
         step, manifest, location = resolved
-        restore_state(self._storage, location, manifest, state, restore_rng=restore_rng)
+        restore_state(self._storage, location, manifest, state, restore_rng=restore_rng, atomic=atomic)
         return step

@@ -240,13 +240,52 @@ def load_items(storage: Storage, location: str, manifest: Manifest, rank: int = 
     return decode_items(section.tree, read_arrays(storage, location, manifest, rank))
 
 
+def _precheck(target: Any, saved: Any, path: str) -> None:
+    """Refuse, before anything is applied, what restore_into would fail on half way:
+    tensor shape mismatches and a module whose keys or shapes differ from the saved ones
+    (``Module.load_state_dict`` copies parameters as it goes and raises at the end)."""
+    if isinstance(target, torch.Tensor):
+        if isinstance(saved, torch.Tensor) and tuple(saved.shape) != tuple(target.shape):
+            raise RestoreError(f"{path}: shape {tuple(saved.shape)} in checkpoint, "
+                               f"{tuple(target.shape)} in target")
+        if not isinstance(saved, torch.Tensor):
+            raise RestoreError(f"{path}: checkpoint holds {type(saved).__name__}, target is a tensor")
+        return
+    if isinstance(target, torch.nn.Module) and isinstance(saved, Mapping):
+        live = target.state_dict()
+        missing = [k for k in live if k not in saved]
+        unexpected = [k for k in saved if k not in live]
+        if missing or unexpected:
+            raise RestoreError(f"{path}: load_state_dict would fail for {type(target).__name__}: "
+                               f"missing key(s) {missing[:5]}, unexpected key(s) {unexpected[:5]}")
+        for k, v in live.items():
+            s = saved[k]
+            if isinstance(v, torch.Tensor) and isinstance(s, torch.Tensor) and tuple(s.shape) != tuple(v.shape):
+                raise RestoreError(f"{path}[{k!r}]: shape {tuple(s.shape)} in checkpoint, {tuple(v.shape)} in target")
+        return
+    if isinstance(target, dict) and isinstance(saved, dict):
+        for key in target:
+            if key in saved:
+                _precheck(target[key], saved[key], f"{path}[{key!r}]")
+    elif isinstance(target, list) and isinstance(saved, list) and len(target) == len(saved):
+        for i, (t, v) in enumerate(zip(target, saved)):
+            _precheck(t, v, f"{path}[{i}]")
+
+
 def restore_state(storage: Storage, location: str, manifest: Manifest, state: Mapping[str, Any], *,
-                  rank: int = 0, restore_rng: bool = True) -> None:
+                  rank: int = 0, restore_rng: bool = True, atomic: bool = True) -> None:
     """Restore the items ``state`` names in place (see ``CheckpointManager.restore``).
 
     Items the checkpoint holds but ``state`` does not name are left alone; an item
-    ``state`` names that the checkpoint lacks raises RestoreError. Matching CPU tensors are
-    decoded into directly; RNG streams are restored last.
+    ``state`` names that the checkpoint lacks raises RestoreError. RNG streams are
+    restored last.
+
+    ``atomic`` (the default): every chunk is read and checked into fresh memory before a
+    byte reaches a live tensor, and tensor shapes and module keys are checked before any
+    item is applied, so a restore that raises on bad data or a mismatched target leaves
+    the caller's objects as they were (at the cost of one extra copy of the state).
+    Without it, matching CPU tensors are decoded into directly (each byte moves once), and
+    a failure may leave them holding partial data.
     """
     section = manifest.section(rank)
     tree = section.tree
@@ -260,17 +299,26 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     if want_rng:
         names.append(RNG_ITEM)
     destinations: dict[int, Any] = {}
-    for key, node in zip(tree["keys"], tree["values"]):
-        if key in state:
-            match_destinations(state[key], node, section.arrays, destinations)
+    if not atomic:
+        for key, node in zip(tree["keys"], tree["values"]):
+            if key in state:
+                match_destinations(state[key], node, section.arrays, destinations)
     arrays = read_arrays(storage, location, manifest, rank, indices=item_arrays(tree, names),
                          destinations=destinations)
     saved = decode_items(tree, arrays, names)
-    if isinstance(state, dict):
+    for name in state:
+        _precheck(state[name], saved[name], name)
+    applied: list[str] = []
+    try:
         for name in state:
-            state[name] = restore_into(state[name], saved[name], name)
-    else:
-        for name in state:
-            restore_into(state[name], saved[name], name)
+            value = restore_into(state[name], saved[name], name)
+            if isinstance(state, dict):
+                state[name] = value
+            applied.append(name)
+    except RestoreError as e:
+        if applied:
+            raise RestoreError(f"{e} (item(s) {applied} were already restored from step "
+                               f"{manifest.step}; the others are unchanged)") from e
+        raise
     if want_rng:
         rng.restore(saved[RNG_ITEM])

@@ -1,0 +1,81 @@
+"""A restore that raises leaves the caller's objects as they were (the default, atomic mode)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from async_ckpt import CheckpointManager, CheckpointManagerOptions, ChecksumError, RestoreError
+
+
+def opts(**kw):
+    return CheckpointManagerOptions(handle_sigterm=False, io_threads=2, compression=None,
+                                    chunk_bytes=64 << 10, **kw)
+
+
+def model_of(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])   # 16 tensors, weights > chunk
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def flip_last_chunk(step_dir) -> None:
+    data = step_dir / "data-r0-0.bin"
+    raw = bytearray(data.read_bytes())
+    raw[-100] ^= 0x01                     # near the end: most tensors decode before it
+    data.write_bytes(bytes(raw))
+
+
+def test_checksum_failure_overwrites_no_live_tensor(tmp_path):
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"model": model_of(1), "progress": {"step": 1}})
+    flip_last_chunk(tmp_path / "checkpoint-1")
+    live = model_of(2)
+    before = snapshot(live)
+    progress = {"step": 0}
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        with pytest.raises(ChecksumError):
+            mgr.restore({"model": live, "progress": progress})
+    for k, v in live.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert progress == {"step": 0}
+
+
+def test_non_atomic_restore_is_the_documented_exception(tmp_path):
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"model": model_of(1)})
+    flip_last_chunk(tmp_path / "checkpoint-1")
+    live = model_of(2)
+    before = snapshot(live)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        with pytest.raises(ChecksumError):
+            mgr.restore({"model": live}, atomic=False)
+    changed = [k for k, v in live.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed                        # direct decode: what was read is already in place
+
+
+def test_mismatched_second_item_applies_nothing(tmp_path):
+    saved_a, saved_b = model_of(1), torch.nn.Linear(4, 4)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"a": saved_a, "b": saved_b})
+    live_a, live_b = model_of(2), torch.nn.Linear(4, 5)       # b's shape differs
+    before = snapshot(live_a)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        with pytest.raises(RestoreError, match=r"b\['weight'\]: shape"):
+            mgr.restore({"a": live_a, "b": live_b})
+    for k, v in live_a.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_missing_module_key_is_refused_before_copying(tmp_path):
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"model": torch.nn.Linear(4, 4, bias=False)})
+    live = torch.nn.Linear(4, 4)
+    before = snapshot(live)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        with pytest.raises(RestoreError, match="missing key"):
+            mgr.restore({"model": live})
+    assert torch.equal(live.weight, before["weight"])
