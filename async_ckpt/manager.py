@@ -35,7 +35,7 @@ from . import faults, rng, signals
 from .errors import CheckpointError, NotCommittedError, RestoreError, RootBusyError, SaveError
 from .format.manifest import Manifest
 from .options import CheckpointManagerOptions
-from .pipeline.plan import plan_save
+from .pipeline.plan import LayoutCache, plan_save
 from .pipeline.restore import RNG_ITEM, load_items, restore_state
 from .pipeline.saving import CommitInfo, save_one_rank
 from .pipeline.snapshot import Snapshot, StagingPool, copy_into
@@ -128,6 +128,7 @@ class CheckpointManager:
         self._abandoned: set[cf.Future] = set()   # saves whose copy failed; error already raised
         self._last_step: Optional[int] = None     # highest step queued or committed
         self._committed: dict[int, dict[str, float]] = {}   # step → metrics
+        self._layouts = LayoutCache()              # training thread only
         self._closed = False
         if o.cleanup_leftovers:
             self._commit.clean_leftovers()
@@ -207,7 +208,8 @@ class CheckpointManager:
         if self.options.save_rng:
             full_state[RNG_ITEM] = rng.capture()
         # TypeError names a bad path
-        plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen)
+        plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen,
+                         cache=self._layouts)
         lazy = self.options.snapshot == "lazy"
         deferred = self._arm_fence(state, plan) if lazy else frozenset()
         self._slots.acquire()

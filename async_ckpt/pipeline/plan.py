@@ -9,7 +9,7 @@ into slabs). Called on the training thread inside ``save_async``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -95,7 +95,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def plan_save(state: Mapping[str, Any], chunk_bytes: int,
-              item_meta: Optional[Mapping[str, ItemEntry]] = None, separate_frozen: bool = True) -> SavePlan:
+              item_meta: Optional[Mapping[str, ItemEntry]] = None, separate_frozen: bool = True,
+              cache: Optional[LayoutCache] = None) -> SavePlan:
     """Encode ``state`` and lay its arrays out in staging memory and chunks.
 
     With ``separate_frozen``, parameters with ``requires_grad=False`` of the modules in
@@ -122,6 +123,57 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     else:       # the common case costs nothing per array
         order, tail = list(range(len(arrays))), []
 
+    key = (chunk_bytes, [r.dtype for r in arrays], [r.shape for r in arrays], tail)
+    layout = cache.get(key) if cache is not None else None
+    if layout is None:
+        layout = _lay_out(arrays, order, tail, chunk_bytes)
+        if cache is not None:
+            cache.put(key, layout)
+    signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
+    return SavePlan(tree, items, tuple(arrays), layout.offsets, layout.chunks, layout.parts, layout.staging_bytes,
+                    layout.chunk_ends, layout.frozen_from, signature, tuple(tail))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    offsets: tuple[int, ...]
+    chunks: tuple[ChunkPlan, ...]
+    parts: tuple[tuple[tuple[int, int, int], ...], ...]
+    staging_bytes: int
+    chunk_ends: tuple[int, ...]
+    frozen_from: int
+
+
+class LayoutCache:
+    """The last staging layout and what it was computed from, for reuse across saves.
+
+    A training run saves the same structure every time; the layout (offsets, chunks,
+    parts) is a pure function of the arrays' dtypes and shapes, their order, which ones
+    are frozen and ``chunk_bytes``. :func:`plan_save` compares exactly those (C-speed list
+    equality) and lays out afresh on any difference, so a stale layout is never used. The
+    tree and items are always encoded afresh (they hold the step's scalars). Owned by one
+    manager; used from the training thread only.
+    """
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.layout: Optional[_Layout] = None
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> Optional[_Layout]:
+        if self.key is not None and self.key == key:
+            self.hits += 1
+            return self.layout
+        self.misses += 1
+        return None
+
+    def put(self, key: tuple, layout: _Layout) -> None:
+        self.key, self.layout = key, layout
+
+
+def _lay_out(arrays: Sequence[ArrayRef], order: list[int], tail: list[int], chunk_bytes: int) -> _Layout:
+    """Offsets in staging memory, size-bounded chunks and each array's parts."""
     offsets: list[int] = [0] * len(arrays)
     chunks: list[ChunkPlan] = []
     parts: list[tuple[tuple[int, int, int], ...]] = [()] * len(arrays)
@@ -175,10 +227,8 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
         slab_sizes.add(itemsize)
         cursor += ref.nbytes
     close_slab(cursor)
-    signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
-    return SavePlan(tree, items, tuple(arrays), tuple(offsets), tuple(chunks), tuple(parts), cursor,
-                    tuple(c.start + c.length for c in chunks),
-                    len(chunks) if frozen_from is None else frozen_from, signature, tuple(tail))
+    return _Layout(tuple(offsets), tuple(chunks), tuple(parts), cursor, tuple(c.start + c.length for c in chunks),
+                   len(chunks) if frozen_from is None else frozen_from)
 
 
 def _key(t: torch.Tensor) -> tuple:
