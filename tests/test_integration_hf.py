@@ -27,7 +27,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from async_ckpt import CheckpointManager, CheckpointManagerOptions
+from async_ckpt import CheckpointManager, CheckpointManagerOptions, SaveError
 from async_ckpt.integrations import IntegrationError
 from async_ckpt.integrations.hf import AsyncCheckpointTrainer, hf_steps_to_delete
 
@@ -59,7 +59,8 @@ class Interrupt(TrainerCallback):
             raise RuntimeError("simulated crash")
 
 
-def make_trainer(out, cls=AsyncCheckpointTrainer, model_seed=0, stop=None, kill=False, options=None, **overrides):
+def make_trainer(out, cls=AsyncCheckpointTrainer, model_seed=0, stop=None, kill=False, options=None,
+                 checkpoint_dir=None, **overrides):
     torch.manual_seed(model_seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2,
                                         bos_token_id=0, eos_token_id=0))
@@ -77,6 +78,8 @@ def make_trainer(out, cls=AsyncCheckpointTrainer, model_seed=0, stop=None, kill=
 
     cb = [Interrupt(stop, kill)] if stop is not None else []
     extra = {"checkpoint_options": options} if options is not None else {}
+    if checkpoint_dir is not None:
+        extra["checkpoint_dir"] = checkpoint_dir
     trainer = Recording(model=model, args=TrainingArguments(**kw), train_dataset=Data(),
                         eval_dataset=Data(8, seed=9), callbacks=cb, **extra)
     for c in cb:
@@ -164,6 +167,32 @@ def test_retention_and_best_model_mean_what_the_trainer_means(tmp_path, limit):
     assert theirs.state.best_global_step == ours.state.best_global_step < 10
     assert os.path.basename(theirs.state.best_model_checkpoint) == os.path.basename(ours.state.best_model_checkpoint)
     assert_bitwise(theirs.model.state_dict(), ours.model.state_dict(), "best model loaded at end")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    # One step of this model is ~210 kB: the first save fits, the second runs out of space.
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_failed_background_save_stops_training_with_its_error(tmp_path, small_tmpfs):
+    trainer, losses = make_trainer(tmp_path / "out", checkpoint_dir=small_tmpfs)
+    with pytest.raises(SaveError) as info:
+        trainer.train()          # step 6's save fails on the commit thread
+    # Raised by the next save (step 9), or when train() waits for the saves at the end.
+    assert info.value.step == 6 and max(losses) in (9, 12)
+    with CheckpointManager(small_tmpfs) as mgr:
+        assert mgr.all_steps() == [3]     # the earlier step is intact; no half-written step listed
+    assert not any(p.name.startswith(".checkpoint-") for p in small_tmpfs.iterdir())
 
 
 def test_rotation_policy_is_the_trainers():
