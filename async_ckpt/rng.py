@@ -44,12 +44,14 @@ def restore(state: Any) -> None:
             np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos),
                                  int(has_gauss), float(cached)))
         if "torch" in state:
-            torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
+            # Private copies: set_rng_state crashes the process on a view with a storage offset
+            # (torch 2.13), and restored arrays may be views of a shared chunk buffer.
+            torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu().clone())
         cuda_states = state.get("cuda") or []
         if cuda_states and torch.cuda.is_available():
             n = min(len(cuda_states), torch.cuda.device_count())
             for device in range(n):
-                torch.cuda.set_rng_state(torch.as_tensor(cuda_states[device], dtype=torch.uint8).cpu(),
+                torch.cuda.set_rng_state(torch.as_tensor(cuda_states[device], dtype=torch.uint8).cpu().clone(),
                                          device)
     except (TypeError, ValueError, RuntimeError) as e:
         raise RestoreError(f"cannot restore RNG state: {e}") from e

@@ -1,4 +1,4 @@
-"""GPU snapshot stall (issue 7): 4 GiB of bf16 + fp32 CUDA state, in one run, interleaved.
+"""GPU snapshot stall: 4 GiB of bf16 + fp32 CUDA state, in one run, interleaved.
 
     python -m benchmarks.bench_gpu [--gib 4] [--repeat 5] [--dir PATH]
 

@@ -215,6 +215,18 @@ def run_state(st: BenchState, repeat: int, scratch: Path, threads: int | None, b
     return samples, stored, wall
 
 
+def measure_rss(state: str, size: int, quick: bool, scratch: Path) -> dict[str, Any] | None:
+    """benchmarks._rss in a process of its own (its baseline is not this process's peers)."""
+    cmd = [sys.executable, "-m", "benchmarks._rss", "--state", state, "--size", str(size),
+           "--saves", "3" if quick else "20", "--dir", str(scratch)] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        print(f"memory measurement for {state} failed: {proc.stderr[-500:]}", file=sys.stderr)
+        return None
+    import json
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _default_threads() -> int:
     from async_ckpt import CheckpointManagerOptions
     return CheckpointManagerOptions(handle_sigterm=False).io_threads
@@ -277,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     factories = build_states(size, args.quick, names)
     methods_per_rep = 2 + len(PEERS) + len(MODES) + 1
-    bar = Bar(len(factories) * repeat * methods_per_rep + len(factories), enabled=not args.no_progress)
+    bar = Bar(len(factories) * repeat * methods_per_rep + 2 * len(factories), enabled=not args.no_progress)
     rows: list[_report.Row] = []
     t_start = time.monotonic()
     try:
@@ -297,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += _report.build_rows(st.name, st.nbytes, samples, stored)
             del st
             gc.collect()
+            meta["states"][-1]["rss"] = measure_rss(name, size, args.quick, scratch_root)
+            bar.step(f"{name}: memory over repeated saves")
     finally:
         bar.close()
         shutil.rmtree(scratch_root, ignore_errors=True)

@@ -51,48 +51,86 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
                 destinations: Optional[Mapping[int, Any]] = None) -> dict[int, Any]:
     """Materialise the requested arrays of ``rank`` (all when ``indices`` is None) on CPU.
 
+    An array made of whole chunks is decoded straight into its own fresh memory. A chunk
+    shared by several arrays (a slab of small tensors) is decoded once into a buffer of its
+    own, and each array inside it is a view of that buffer: no per-tensor allocation or
+    copy, and a caller keeping one small tensor keeps at most one chunk alive.
     ``destinations`` maps array indices to existing contiguous CPU tensors/ndarrays of the
     right dtype and shape (see :func:`match_destinations`): those are decoded into in place
-    instead of into fresh memory. If reading fails, they may hold partial data.
+    instead. If reading fails, they may hold partial data.
     """
     check_data_files(storage, location, manifest)   # before allocating what the manifest declares
     section = manifest.section(rank)
     wanted = sorted(set(range(len(section.arrays)) if indices is None else indices))
     destinations = destinations or {}
+    chunks = manifest.chunks
     out: dict[int, Any] = {}
     requests: list[ReadRequest] = []
-    scatter: dict[int, list[tuple[np.ndarray, int, int, int]]] = {}   # chunk → (dst, dst_off, src_off, len)
+    slabs: dict[int, torch.Tensor] = {}                      # chunk → its decoded bytes
+    copies: list[tuple[np.ndarray, int, int, int, int]] = []  # (dst, dst_off, chunk, src_off, len)
+    direct: set[int] = set()                                  # chunks decoded straight into an array
+
+    def whole(parts) -> bool:
+        return bool(parts) and all(o == 0 and n == chunks[c].raw_length for c, o, n in parts)
+
+    def slab(chunk: int) -> torch.Tensor:
+        buf = slabs.get(chunk)
+        if buf is None:
+            buf = slabs[chunk] = _chunk_buffer(chunks[chunk].raw_length, chunk)
+            requests.append(ReadRequest(chunk, chunks[chunk], memoryview(buf.numpy())))
+        return buf
+
     for index in wanted:
         entry = section.arrays[index]
+        parts = entry.parts
         if index in destinations:
             value = destinations[index]
             raw = _byte_view(value)
+        elif len(parts) == 1 and not whole(parts):
+            # Inside a shared chunk: a view of the chunk's buffer when the start suits the dtype.
+            chunk, offset, length = parts[0]
+            view = _view(slab(chunk), offset, entry)
+            if view is not None:
+                out[index] = view
+                continue
+            value, raw = _allocate(entry.dtype, entry.shape, entry.nbytes)
         else:
             value, raw = _allocate(entry.dtype, entry.shape, entry.nbytes)
         out[index] = value
         cursor = 0
-        for chunk, offset, length in entry.parts:
-            if offset == 0 and length == manifest.chunks[chunk].raw_length and chunk not in scatter:
-                # The chunk is exactly this piece: decode straight into the array.
-                requests.append(ReadRequest(chunk, manifest.chunks[chunk], memoryview(raw[cursor:cursor + length])))
+        for chunk, offset, length in parts:
+            if (offset == 0 and length == chunks[chunk].raw_length and chunk not in slabs
+                    and chunk not in direct):
+                direct.add(chunk)      # the chunk is exactly this piece: decode straight into the array
+                requests.append(ReadRequest(chunk, chunks[chunk], memoryview(raw[cursor:cursor + length])))
             else:
-                scatter.setdefault(chunk, []).append((raw, cursor, offset, length))
+                slab(chunk)
+                copies.append((raw, cursor, chunk, offset, length))
             cursor += length
-    scratch = {}
-    for chunk in scatter:
-        try:
-            scratch[chunk] = np.empty(manifest.chunks[chunk].raw_length, dtype=np.uint8)
-        except MemoryError:
-            raise RestoreError(f"cannot allocate the {manifest.chunks[chunk].raw_length} bytes the "
-                               f"manifest declares for chunk {chunk}") from None
-        requests.append(ReadRequest(chunk, manifest.chunks[chunk], memoryview(scratch[chunk])))
     if requests:
         storage.read(location, manifest.files, requests)
-    for chunk, pieces in scatter.items():
-        src = scratch[chunk]
-        for dst, dst_off, src_off, length in pieces:
-            dst[dst_off:dst_off + length] = src[src_off:src_off + length]
+    for dst, dst_off, chunk, src_off, length in copies:
+        dst[dst_off:dst_off + length] = slabs[chunk].numpy()[src_off:src_off + length]
     return out
+
+
+def _chunk_buffer(nbytes: int, chunk: int) -> torch.Tensor:
+    try:
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
+    except (MemoryError, RuntimeError) as e:   # torch reports a failed allocation as RuntimeError
+        raise RestoreError(f"cannot allocate the {nbytes} bytes the manifest declares for chunk {chunk} "
+                           f"({str(e).splitlines()[0][:200]})") from None
+
+
+def _view(buf: torch.Tensor, offset: int, entry: Any) -> Any:
+    """The array as a view of a chunk's decoded bytes, or None when its start does not suit
+    its dtype (a hostile or foreign manifest; the caller copies instead)."""
+    kind, dt, itemsize = parse_array_dtype(entry.dtype)
+    if offset % itemsize or entry.nbytes == 0:
+        return None
+    if kind == "torch":
+        return buf[offset:offset + entry.nbytes].view(dt).view(tuple(entry.shape))
+    return buf.numpy()[offset:offset + entry.nbytes].view(dt).reshape(tuple(entry.shape))
 
 
 def _fits(target: Any, dtype: str, shape: tuple[int, ...]) -> bool:
