@@ -60,6 +60,17 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
             self.position += take
         return out
 
+    def next_batch_for(self, global_batch: int, rank: int, world_size: int) -> list[int]:
+        """This rank's share (``[rank::world_size]``) of the next global batch.
+
+        Every rank draws the same global batch, so the sampler's state is the same on all of
+        them and the global sample order does not depend on the world size: a run resumed
+        with another number of ranks continues the same order.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+        return self.next_batch(global_batch)[rank::world_size]
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.position = 0

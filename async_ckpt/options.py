@@ -74,6 +74,11 @@ class CheckpointManagerOptions:
     bad sector in it reaches that many steps at most. ``max_pinned_bytes`` caps the pinned host
     memory of the staging pool (``None``: no cap); staging beyond it is pageable memory.
     The pool is allocated at the first save, reused by later ones and freed by ``close()``.
+
+    Several ranks (torch.distributed initialised, or ``process_group=`` given to the manager):
+    ``collective_timeout_s`` bounds every collective of the manager's own gloo group, so a
+    rank that dies or hangs in the middle of a save fails the others' saves within that
+    time instead of blocking them forever.
     """
 
     max_to_keep: Optional[int] = 3
@@ -94,8 +99,11 @@ class CheckpointManagerOptions:
     reuse_frozen: bool = True
     frozen_max_shared: int = 4
     max_pinned_bytes: Optional[int] = None
+    collective_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.collective_timeout_s <= 24 * 3600:
+            raise ValueError(f"collective_timeout_s must be in (0, 86400], got {self.collective_timeout_s}")
         if self.max_to_keep is not None and self.max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {self.max_to_keep}")
         if self.keep_every_n_steps is not None and self.keep_every_n_steps < 1:

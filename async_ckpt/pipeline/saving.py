@@ -11,13 +11,16 @@ step is never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from .. import __version__, faults
-from ..format.manifest import ArrayEntry, ItemEntry, Manifest, RankResult, merge_ranks
+from ..errors import CheckpointError
+from ..format.manifest import (ArrayEntry, ChunkEntry, FileEntry, ItemEntry, Manifest, RankResult,
+                               merge_ranks)
 from ..storage.base import ChunkSource, RankWrite, Storage
 from ..storage.commit import CommitPolicy, policy_for
 from . import device_crc
@@ -122,3 +125,94 @@ def write_checkpoint(root: Union[str, Path], step: int, state: Mapping[str, Any]
     except BaseException:
         policy.abort(location)
         raise
+
+
+# ----------------------------------------------------------------------------- several ranks
+
+def _result_to_json(r: RankResult) -> dict[str, Any]:
+    return {"rank": r.rank, "reused_bytes": r.reused_bytes,
+            "files": [[f.path, f.size] for f in r.files],
+            "chunks": [[c.file, c.offset, c.length, c.raw_length, c.codec, c.shuffle, c.crc32c, c.raw_crc32c]
+                       for c in r.chunks],
+            "items": {k: [v.kind, v.type, v.reconstructed] for k, v in r.items.items()},
+            "tree": r.tree,
+            "arrays": [_array_to_json(a) for a in r.arrays]}
+
+
+def _array_to_json(a: ArrayEntry) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(a).items() if v is not None}
+
+
+def _result_from_json(d: dict[str, Any]) -> RankResult:
+    rank = d["rank"]
+    return RankResult(rank, tuple(FileEntry(p, s, rank) for p, s in d["files"]),
+                      tuple(ChunkEntry(*c) for c in d["chunks"]),
+                      {k: ItemEntry(*v) for k, v in d["items"].items()}, d["tree"],
+                      tuple(_array_from_json(a) for a in d["arrays"]), d["reused_bytes"])
+
+
+def _array_from_json(a: dict[str, Any]) -> ArrayEntry:
+    fields = {f.name for f in dataclasses.fields(ArrayEntry)}
+    kw = {k: (tuple(tuple(x) for x in v) if k == "parts" else tuple(v) if isinstance(v, list) else v)
+          for k, v in a.items() if k in fields}
+    return ArrayEntry(**kw)
+
+
+def save_collective(coll: Any, policy: CommitPolicy, step: int, snapshot: Snapshot,
+                    metrics: Mapping[str, float], created_unix: float) -> CommitInfo:
+    """One save of a world of N, on every rank's background thread (``coll`` is the
+    manager's :class:`~async_ckpt.distributed.Collectives`).
+
+    The coordinator creates the step's location and shares it; every rank writes its own
+    files; the coordinator commits only when every rank reported success, and every rank
+    returns (or raises) the same outcome. A rank that raised is named in every rank's
+    error; a rank that died or hung makes the collectives fail within the group's
+    timeout, and the coordinator removes the location (or the next run cleans it up).
+    """
+    t0 = time.perf_counter()
+    rank, coordinator = coll.rank, coll.is_coordinator
+    msg: Any = None
+    if coordinator:
+        try:
+            msg = {"location": policy.begin(step)}
+        except Exception as e:  # noqa: BLE001 - reported to every rank
+            msg = {"error": f"rank 0 could not create the location of step {step}: {type(e).__name__}: {e}"}
+    msg = coll.broadcast_json(msg)
+    if "error" in msg:
+        raise CheckpointError(msg["error"])
+    location = msg["location"]
+    local_error: Optional[BaseException] = None
+    try:
+        payload = {"ok": _result_to_json(write_rank(policy.storage, location, step, rank, snapshot))}
+    except Exception as e:  # noqa: BLE001 - every rank learns of it
+        local_error = e
+        payload = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        coll.check_alive()
+        payloads = coll.gather_json(payload)
+    except BaseException:
+        if coordinator:
+            policy.abort(location)
+        raise
+    outcome: Any = None
+    if coordinator:
+        assert payloads is not None
+        failed = [[r, p["error"]] for r, p in enumerate(payloads) if "error" in p]
+        if not failed:
+            try:
+                results = [_result_from_json(p["ok"]) for p in payloads]
+                final = commit_ranks(policy, location, step, results, metrics, created_unix)
+                outcome = {"location": final, "raw": sum(r.raw_bytes for r in results),
+                           "stored": sum(r.stored_bytes for r in results),
+                           "reused": sum(r.reused_bytes for r in results)}
+            except Exception as e:  # noqa: BLE001 - reported to every rank
+                failed = [[0, f"commit failed: {type(e).__name__}: {e}"]]
+        if failed:
+            policy.abort(location)
+            outcome = {"failed": failed}
+    outcome = coll.broadcast_json(outcome)
+    if "failed" in outcome:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in outcome["failed"])
+        raise CheckpointError(f"step {step} was not committed: {detail}") from local_error
+    return CommitInfo(step, outcome["location"], outcome["raw"], outcome["stored"], time.perf_counter() - t0,
+                      outcome["reused"])

@@ -1,0 +1,140 @@
+"""The manager's own collectives, on a gloo group it creates for itself.
+
+Training may use NCCL (or gloo) on the default group; the manager never touches it. At
+construction every rank calls :meth:`Collectives.create` (itself a collective: the group
+is made with ``new_group``), and from then on the manager calls these methods in the same
+order on every rank:
+
+1. Training thread, ``CheckpointManager.__init__`` / ``reload``: :meth:`broadcast_json`
+   (the coordinator's list of committed steps) and :meth:`barrier`.
+2. Background commit thread, once per save, in step order: :meth:`broadcast_json` (the
+   step's location, from the coordinator), :meth:`check_alive` (names ranks that died),
+   :meth:`gather_json` (every rank's result), :meth:`broadcast_json` (the outcome).
+3. Caller's thread, ``restore`` / ``load`` / ``delete`` / ``close``: :meth:`broadcast_json`
+   and :meth:`barrier`.
+
+Only one thread uses the group at a time: the manager waits for its background saves
+before any collective on the caller's thread. Payloads are JSON bytes in uint8 tensors
+(never pickle). Every call is bounded by the group's timeout and raises
+:class:`CollectiveError` when a peer fails or does not answer in time.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any, Optional
+
+from .errors import CheckpointError
+
+
+class CollectiveError(CheckpointError):
+    """A collective of the manager's group failed or timed out (a rank died or hung)."""
+
+
+class Collectives:
+    """Rank, world size and JSON collectives on a private gloo group."""
+
+    def __init__(self, group: Any, rank: int, world_size: int, timeout_s: float) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def create(cls, process_group: Any = None, timeout_s: float = 120.0) -> Optional["Collectives"]:
+        """Collectives over ``process_group``'s ranks (default: the whole world), or None
+        when torch.distributed is not initialised or the world is one process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if process_group is not None:
+                raise CheckpointError("process_group given but torch.distributed is not initialised")
+            return None
+        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+        world = dist.get_world_size(process_group)
+        if world == 1:
+            return None
+        group = dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=timeout_s))
+        return cls(group, dist.get_rank(group), world, timeout_s)
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    def _fail(self, what: str, e: BaseException) -> CollectiveError:
+        return CollectiveError(f"rank {self.rank}: {what} on the checkpoint group failed or timed out after "
+                               f"{self.timeout_s:g} s (a rank failed, died or hung): {e}")
+
+    def broadcast_json(self, value: Any = None, src: int = 0) -> Any:
+        """``value`` from rank ``src`` on every rank."""
+        import torch
+        import torch.distributed as dist
+
+        try:
+            data = json.dumps(value).encode() if self.rank == src else b""
+            size = torch.tensor([len(data)], dtype=torch.int64)
+            dist.broadcast(size, src=self._global(src), group=self.group)
+            buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src and data
+                   else torch.empty(int(size.item()), dtype=torch.uint8))
+            if int(size.item()):
+                dist.broadcast(buf, src=self._global(src), group=self.group)
+        except RuntimeError as e:
+            raise self._fail("broadcast", e) from e
+        return value if self.rank == src else json.loads(bytes(buf.numpy()).decode())
+
+    def gather_json(self, value: Any, dst: int = 0) -> Optional[list[Any]]:
+        """Every rank's ``value`` on rank ``dst`` (in rank order), None elsewhere."""
+        import torch
+        import torch.distributed as dist
+
+        try:
+            data = json.dumps(value).encode()
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
+            longest = max(int(s.item()) for s in sizes)
+            mine = torch.zeros(longest, dtype=torch.uint8)
+            if data:
+                mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            bufs = ([torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+                    if self.rank == dst else None)
+            dist.gather(mine, bufs, dst=self._global(dst), group=self.group)
+        except RuntimeError as e:
+            raise self._fail("gather", e) from e
+        if bufs is None:
+            return None
+        return [json.loads(bytes(b.numpy()[:int(s.item())]).decode()) for b, s in zip(bufs, sizes)]
+
+    def check_alive(self) -> None:
+        """Every rank reached this point; on the coordinator a dead or hung rank is named
+        (gloo's monitored barrier)."""
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=self.timeout_s),
+                                   wait_all_ranks=True)
+        except RuntimeError as e:
+            raise self._fail("monitored barrier", e) from e
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        try:
+            dist.barrier(group=self.group)
+        except RuntimeError as e:
+            raise self._fail("barrier", e) from e
+
+    def _global(self, group_rank: int) -> int:
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, group_rank)
+
+    def destroy(self) -> None:
+        import torch.distributed as dist
+
+        if self.group is not None and dist.is_initialized():
+            try:
+                dist.destroy_process_group(self.group)
+            except (RuntimeError, ValueError):
+                pass
+        self.group = None
