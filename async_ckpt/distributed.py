@@ -105,6 +105,25 @@ class Collectives:
             return None
         return [json.loads(bytes(b.numpy()[:int(s.item())]).decode()) for b, s in zip(bufs, sizes)]
 
+    def all_gather_json(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` on every rank, in rank order."""
+        import torch
+        import torch.distributed as dist
+
+        try:
+            data = json.dumps(value).encode()
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
+            longest = max(int(s.item()) for s in sizes)
+            mine = torch.zeros(longest, dtype=torch.uint8)
+            if data:
+                mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+            dist.all_gather(bufs, mine, group=self.group)
+        except RuntimeError as e:
+            raise self._fail("all-gather", e) from e
+        return [json.loads(bytes(b.numpy()[:int(s.item())]).decode()) for b, s in zip(bufs, sizes)]
+
     def check_alive(self) -> None:
         """Every rank reached this point; on the coordinator a dead or hung rank is named
         (gloo's monitored barrier)."""
@@ -138,3 +157,77 @@ class Collectives:
             except (RuntimeError, ValueError):
                 pass
         self.group = None
+
+
+# ----------------------------------------------------------------------------- replicas
+
+PER_RANK_KINDS = frozenset({"rng", "data"})
+
+
+def array_signatures(tree: Any, arrays: list, items: dict) -> list[Optional[str]]:
+    """Per array: what must match on another rank for the two to be the same bytes
+    (dtype, shape and, for shards, the global shape and offset), or None for arrays of
+    per-rank items (RNG streams, data position), which are never shared."""
+    from .format.tree import walk_arrays
+
+    per_rank: set[int] = set()
+    for key, node in zip(tree["keys"], tree["values"]):
+        entry = items.get(key)
+        if entry is not None and entry.kind in PER_RANK_KINDS:
+            per_rank.update(walk_arrays(node))
+    return [None if i in per_rank or a.nbytes == 0 else
+            f"{a.dtype}|{list(a.shape)}|{a.global_shape and list(a.global_shape)}|"
+            f"{a.global_offset and list(a.global_offset)}"
+            for i, a in enumerate(arrays)]
+
+
+def assign_owners(signatures: list[list[Optional[str]]], nbytes: list[list[int]]) -> list[dict[int, tuple[int, int]]]:
+    """For every rank, the arrays another rank writes: index → (owner rank, index).
+
+    Arrays with the same index and signature on several ranks are one replica group; each
+    group is written by one member, chosen to balance bytes: groups in descending size,
+    each to the member with the fewest bytes so far (ties: the lowest rank). Pure and
+    deterministic, so every rank computes the same answer from the same inputs.
+    """
+    world = len(signatures)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for rank, sigs in enumerate(signatures):
+        for i, sig in enumerate(sigs):
+            if sig is not None:
+                groups.setdefault((i, sig), []).append(rank)
+    load = [0] * world
+    for rank, sizes in enumerate(nbytes):     # what each rank writes anyway (its own arrays)
+        load[rank] += sum(n for i, n in enumerate(sizes) if signatures[rank][i] is None)
+    out: list[dict[int, tuple[int, int]]] = [{} for _ in range(world)]
+    ordered = sorted(groups.items(), key=lambda kv: (-nbytes[kv[1][0]][kv[0][0]], kv[0][0], kv[0][1]))
+    for (i, _), members in ordered:
+        owner = min(members, key=lambda r: (load[r], r))
+        load[owner] += nbytes[owner][i]
+        for r in members:
+            if r != owner:
+                out[r][i] = (owner, i)
+    return out
+
+
+class ReplicaPlanner:
+    """Decides, on the training thread inside ``save_async``, which arrays this rank leaves
+    to another rank. One all-gather of a digest per save; the full signature lists travel
+    only when some rank's structure changed since the last save."""
+
+    def __init__(self, coll: Collectives) -> None:
+        self.coll = coll
+        self._digests: Optional[list[str]] = None
+        self._mine: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, tree: Any, arrays: list, items: dict) -> dict[int, tuple[int, int]]:
+        import hashlib
+
+        sigs = array_signatures(tree, arrays, items)
+        sizes = [a.nbytes for a in arrays]
+        digest = hashlib.sha256(json.dumps([sigs, sizes]).encode()).hexdigest()
+        digests = self.coll.all_gather_json(digest)
+        if digests != self._digests:
+            everyone = self.coll.all_gather_json([sigs, sizes])
+            self._mine = assign_owners([e[0] for e in everyone], [e[1] for e in everyone])[self.coll.rank]
+            self._digests = digests
+        return self._mine

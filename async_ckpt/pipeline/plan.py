@@ -8,7 +8,7 @@ into slabs). Called on the training thread inside ``save_async``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -77,6 +77,9 @@ class SavePlan:
     frozen_from: int = 0
     frozen_signature: tuple = ()                     # (address, version, nbytes) of each, in order
     frozen_arrays: tuple[int, ...] = ()              # indices of those arrays, in layout order
+    # Several ranks: arrays another rank writes (identical replicas), as index → (rank, index
+    # there). They are neither staged nor written here.
+    stored_by: Mapping[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def raw_bytes(self) -> int:
@@ -96,11 +99,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def plan_save(state: Mapping[str, Any], chunk_bytes: int,
               item_meta: Optional[Mapping[str, ItemEntry]] = None, separate_frozen: bool = True,
-              cache: Optional[LayoutCache] = None) -> SavePlan:
+              cache: Optional[LayoutCache] = None,
+              replicas: Optional[Any] = None) -> SavePlan:
     """Encode ``state`` and lay its arrays out in staging memory and chunks.
 
     With ``separate_frozen``, parameters with ``requires_grad=False`` of the modules in
     ``state`` are laid out last, from chunk ``frozen_from`` on (storage may reuse them).
+
+    ``replicas(tree, arrays, items)``, with several ranks, returns the arrays another rank writes
+    (index → (rank, index)): they are left out of the layout.
 
     Raises TypeError naming the path of any value the format cannot hold.
     """
@@ -123,15 +130,19 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     else:       # the common case costs nothing per array
         order, tail = list(range(len(arrays))), []
 
-    key = (chunk_bytes, [r.dtype for r in arrays], [r.shape for r in arrays], tail)
+    stored_by = dict(replicas(tree, arrays, items)) if replicas is not None else {}
+    if stored_by:
+        order = [i for i in order if i not in stored_by]
+        tail = [i for i in tail if i not in stored_by]
+    key = (chunk_bytes, [r.dtype for r in arrays], [r.shape for r in arrays], tail, sorted(stored_by))
     layout = cache.get(key) if cache is not None else None
     if layout is None:
-        layout = _lay_out(arrays, order, tail, chunk_bytes)
+        layout = _lay_out(arrays, order, tail, chunk_bytes, len(arrays))
         if cache is not None:
             cache.put(key, layout)
     signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
     return SavePlan(tree, items, tuple(arrays), layout.offsets, layout.chunks, layout.parts, layout.staging_bytes,
-                    layout.chunk_ends, layout.frozen_from, signature, tuple(tail))
+                    layout.chunk_ends, layout.frozen_from, signature, tuple(tail), stored_by)
 
 
 @dataclass(frozen=True)
@@ -172,11 +183,13 @@ class LayoutCache:
         self.key, self.layout = key, layout
 
 
-def _lay_out(arrays: Sequence[ArrayRef], order: list[int], tail: list[int], chunk_bytes: int) -> _Layout:
-    """Offsets in staging memory, size-bounded chunks and each array's parts."""
-    offsets: list[int] = [0] * len(arrays)
+def _lay_out(arrays: Sequence[ArrayRef], order: list[int], tail: list[int], chunk_bytes: int,
+            n_arrays: int) -> _Layout:
+    """Offsets in staging memory, size-bounded chunks and each array's parts (arrays not in
+    ``order`` or ``tail`` keep offset 0 and no parts)."""
+    offsets: list[int] = [0] * n_arrays
     chunks: list[ChunkPlan] = []
-    parts: list[tuple[tuple[int, int, int], ...]] = [()] * len(arrays)
+    parts: list[tuple[tuple[int, int, int], ...]] = [()] * n_arrays
     frozen_from: Optional[int] = None
     cursor = 0
     slab_start = 0        # start of the open slab chunk

@@ -9,6 +9,7 @@ decodes into them; it knows nothing of steps or save policy.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from ..format.manifest import Manifest
 from ..format.tree import decode_tree, is_stateful, walk_arrays
 from ..storage.base import ReadRequest, Storage
 from ..storage.inspect import check_data_files
+from . import reshard
 
 RNG_ITEM = "rng"
 
@@ -82,6 +84,8 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
 
     for index in wanted:
         entry = section.arrays[index]
+        if entry.stored_by is not None:        # a replica another rank wrote: read its bytes
+            entry = manifest.section(entry.stored_by[0]).arrays[entry.stored_by[1]]
         parts = entry.parts
         if index in destinations:
             value = destinations[index]
@@ -272,10 +276,59 @@ def restore_into(target: Any, saved: Any, path: str) -> Any:
 
 # ----------------------------------------------------------------------------- orchestration
 
-def load_items(storage: Storage, location: str, manifest: Manifest, rank: int = 0) -> dict[str, Any]:
-    """The raw tree of ``rank``: state dicts, tensors on CPU, RNG states."""
-    section = manifest.section(rank)
-    return decode_items(section.tree, read_arrays(storage, location, manifest, rank))
+def load_items(storage: Storage, location: str, manifest: Manifest, rank: int = 0,
+               world_size: Optional[int] = None) -> dict[str, Any]:
+    """The raw tree that ``rank`` of a world of ``world_size`` (default: the saver's) reads:
+    state dicts, tensors on CPU, RNG states. Sharded arrays come back whole."""
+    src = _source_rank(manifest, rank, world_size)
+    section = manifest.section(src)
+    arrays = _read_items(storage, location, manifest, src, section.tree, None, {}, {})
+    return decode_items(section.tree, arrays)
+
+
+def _source_rank(manifest: Manifest, rank: int, world_size: Optional[int]) -> int:
+    """The section a reader uses for the tree and per-rank items: its own when the world
+    sizes match, else the same rank if the saver had it, else rank 0 (with a warning)."""
+    if world_size is None or world_size == manifest.world_size:
+        return rank
+    src = rank if rank < manifest.world_size else 0
+    warnings.warn(f"async_ckpt: step {manifest.step} was saved by {manifest.world_size} rank(s) and is restored "
+                  f"into {world_size}: rank {rank} takes the per-rank items (RNG streams, data position) of "
+                  f"saved rank {src}, so dropout and shuffling will not repeat an uninterrupted "
+                  f"{manifest.world_size}-rank run; sharded and replicated tensors are resharded exactly",
+                  RuntimeWarning, stacklevel=4)
+    return src
+
+
+def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, tree: Any,
+                names: Optional[list[str]], destinations: Mapping[int, Any], live: Mapping[Any, Any]
+                ) -> dict[int, Any]:
+    """Every array the named items reference: ordinary ones from section ``src``, sharded
+    ones assembled to the box the live value needs (its local shard, or the whole array)."""
+    section = manifest.section(src)
+    indices = item_arrays(tree, names) if names is not None else set(range(len(section.arrays)))
+    sharded = [j for j in indices if section.arrays[j].global_shape is not None]
+    if not sharded:
+        return read_arrays(storage, location, manifest, src, indices=indices, destinations=destinations)
+    plain = [j for j in indices if section.arrays[j].global_shape is None]
+    arrays = read_arrays(storage, location, manifest, src, indices=plain, destinations=destinations)
+    paths = reshard.array_paths(tree)
+    wanted, templates = [], {}
+    for j in sharded:
+        entry = section.arrays[j]
+        template = reshard.template_for(live, paths[j], entry.global_shape)
+        if template is not None:
+            offset, shape = reshard.local_box(template)
+            templates[j] = template
+        else:
+            offset, shape = (0,) * len(entry.global_shape), tuple(entry.global_shape)
+        wanted.append((j, paths[j], entry.dtype, offset, shape))
+    def read(rank: int, idx: list[int]) -> dict[int, Any]:
+        return read_arrays(storage, location, manifest, rank, indices=idx)
+
+    for j, box in reshard.Pieces(manifest).boxes(read, wanted).items():
+        arrays[j] = reshard.shard_like(templates[j], box) if j in templates else box
+    return arrays
 
 
 def _precheck(target: Any, saved: Any, path: str) -> None:
@@ -311,7 +364,8 @@ def _precheck(target: Any, saved: Any, path: str) -> None:
 
 
 def restore_state(storage: Storage, location: str, manifest: Manifest, state: Mapping[str, Any], *,
-                  rank: int = 0, restore_rng: bool = True, atomic: bool = True) -> None:
+                  rank: int = 0, world_size: Optional[int] = None, restore_rng: bool = True,
+                  atomic: bool = True) -> None:
     """Restore the items ``state`` names in place (see ``CheckpointManager.restore``).
 
     Items the checkpoint holds but ``state`` does not name are left alone; an item
@@ -325,7 +379,8 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     Without it, matching CPU tensors are decoded into directly (each byte moves once), and
     a failure may leave them holding partial data.
     """
-    section = manifest.section(rank)
+    src = _source_rank(manifest, rank, world_size)
+    section = manifest.section(src)
     tree = section.tree
     saved_names = set(tree["keys"])
     missing = [name for name in state if name not in saved_names]
@@ -341,8 +396,10 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
         for key, node in zip(tree["keys"], tree["values"]):
             if key in state:
                 match_destinations(state[key], node, section.arrays, destinations)
-    arrays = read_arrays(storage, location, manifest, rank, indices=item_arrays(tree, names),
-                         destinations=destinations)
+    live = {}
+    if any(a.global_shape is not None for a in section.arrays):
+        live = reshard.live_dtensors(state)
+    arrays = _read_items(storage, location, manifest, src, tree, names, destinations, live)
     saved = decode_items(tree, arrays, names)
     for name in state:
         _precheck(state[name], saved[name], name)

@@ -57,8 +57,10 @@ def write_rank(storage: Storage, location: str, step: int, rank: int, snapshot: 
     snapshot.wait()     # surfaces a copy error even if a backend finished without it
     faults.hit("after_data")
     plan = snapshot.plan
-    arrays = tuple(ArrayEntry(ref.dtype, tuple(ref.shape), ref.nbytes, parts)
-                   for ref, parts in zip(plan.arrays, plan.parts))
+    stored_by = plan.stored_by
+    arrays = tuple(ArrayEntry(ref.dtype, tuple(ref.shape), ref.nbytes, parts, ref.global_shape, ref.global_offset,
+                              stored_by.get(i))
+                   for i, (ref, parts) in enumerate(zip(plan.arrays, plan.parts)))
     return RankResult(rank, written.files, written.chunks, dict(plan.items), plan.tree, arrays,
                       written.reused_bytes)
 

@@ -290,8 +290,9 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
     on_device: list[int] = []
     host = buffer.numpy()
     try:
+        stored_elsewhere = plan.stored_by
         for i, ref in enumerate(plan.arrays):
-            if ref.nbytes == 0:
+            if ref.nbytes == 0 or i in stored_elsewhere:
                 continue
             value = ref.value
             if isinstance(value, torch.Tensor) and value.device.type == "cuda":
