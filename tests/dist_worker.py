@@ -161,6 +161,67 @@ def run_fsdp(args) -> dict:
     return {"params": params, "moments": moments}
 
 
+def run_dtensor2d(args) -> dict:
+    """Plain DTensors in a dict: ``--phase save`` on a (2, 2) mesh with [Shard(0), Replicate()]
+    and [Shard(1), Shard(0)] placements; ``--phase restore`` on a 1-D mesh of this world size
+    with [Shard(1)] and [Replicate()]. Reports digests of the full tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    world = dist.get_world_size()
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(10, 6, generator=g), torch.randn(7, 9, generator=g).to(torch.bfloat16)
+    if args.phase == "save":
+        mesh = init_device_mesh("cpu", (2, world // 2))
+        tp = {"a": distribute_tensor(a, mesh, [Shard(0), Replicate()]),
+              "b": distribute_tensor(b, mesh, [Shard(1), Shard(0)])}
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+        tp = {"a": distribute_tensor(torch.zeros_like(a), mesh, [Shard(1)]),
+              "b": distribute_tensor(torch.zeros_like(b), mesh, [Replicate()])}
+    with CheckpointManager(args.root, opts(collective_timeout_s=args.timeout)) as mgr:
+        if args.phase == "save":
+            mgr.save(1, {"tp": tp})
+        else:
+            assert mgr.restore({"tp": tp}) == 1
+            assert tp["a"].placements == (Shard(1),) and tp["b"].placements == (Replicate(),)
+    return {"a": digest(tp["a"]), "b": digest(tp["b"]), "want_a": digest(a), "want_b": digest(b)}
+
+
+def run_dcp_dicts(args) -> dict:
+    """FSDP2 through torch.distributed.checkpoint.state_dict: save the dicts that
+    ``get_state_dict`` returns, restore into fresh ones and ``set_state_dict`` them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(DIM, 30), torch.nn.ReLU(), torch.nn.Linear(30, 7))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, _ = dataset()
+    with CheckpointManager(args.root, opts(collective_timeout_s=args.timeout)) as mgr:
+        if args.phase == "save":
+            for _ in range(2):
+                model(x[:8]).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+            msd, osd = get_state_dict(model, opt)
+            mgr.save(2, {"model": msd, "optimizer": osd})
+        else:
+            model(x[:8]).pow(2).mean().backward()     # creates the optimizer's state to restore into
+            opt.step()
+            opt.zero_grad()
+            msd, osd = get_state_dict(model, opt)
+            assert mgr.restore({"model": msd, "optimizer": osd}) == 2
+            set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    msd, osd = get_state_dict(model, opt)
+    return {"params": {k: digest(v) for k, v in msd.items()},
+            "moments": {f"{p}.{k}": digest(v) for p, st in osd["state"].items() for k, v in st.items()
+                        if torch.is_tensor(v)}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode")
@@ -176,7 +237,8 @@ def main() -> int:
     args = ap.parse_args()
     dist.init_process_group("gloo")
     try:
-        out = {"ddp": run_ddp, "fail": run_fail, "fsdp": run_fsdp}[args.mode](args)
+        out = {"ddp": run_ddp, "fail": run_fail, "fsdp": run_fsdp, "dtensor2d": run_dtensor2d,
+               "dcp_dicts": run_dcp_dicts}[args.mode](args)
     finally:
         try:
             dist.destroy_process_group()
