@@ -182,3 +182,25 @@ def test_get_state_dict_dicts_round_trip_through_set_state_dict(tmp_path):
     ok(launch(2, "dcp_dicts", "--phase", "restore", "--root", str(root), "--out", str(tmp_path / "r")))
     for got in results(tmp_path / "r", 2):
         assert got["params"] == want["params"] and got["moments"] == want["moments"]
+
+
+def test_shard_coverage_names_a_missing_or_overlapping_piece(fsdp4):
+    import dataclasses
+
+    from async_ckpt.format.shards import coverage_problems
+
+    root, _ = fsdp4
+    manifest = layout.read_manifest(root / "checkpoint-3")
+    assert coverage_problems(manifest) == []
+    # Drop rank 1's pieces: its shard of every sharded array is missing.
+    gone = dataclasses.replace(manifest.ranks[1], arrays=tuple(
+        dataclasses.replace(a, global_shape=None, global_offset=None) for a in manifest.ranks[1].arrays))
+    broken = dataclasses.replace(manifest, ranks=(manifest.ranks[0], gone) + manifest.ranks[2:])
+    problems = coverage_problems(broken)
+    assert problems and all("missing" in p for p in problems)
+    # Give rank 2 rank 0's offsets: they overlap.
+    moved = dataclasses.replace(manifest.ranks[2], arrays=tuple(
+        dataclasses.replace(a, global_offset=b.global_offset) if a.global_shape and a.shape == b.shape else a
+        for a, b in zip(manifest.ranks[2].arrays, manifest.ranks[0].arrays)))
+    overlapping = dataclasses.replace(manifest, ranks=manifest.ranks[:2] + (moved,) + manifest.ranks[3:])
+    assert any("overlap" in p for p in coverage_problems(overlapping))

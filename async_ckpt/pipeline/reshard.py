@@ -18,31 +18,10 @@ import torch
 
 from ..errors import RestoreError
 from ..format.dtypes import parse_array_dtype
-from ..format.manifest import ArrayEntry, Manifest
+from ..format.manifest import Manifest
+from ..format.shards import Path, array_paths, pieces_by_path
 
-Path = tuple   # a tree path: item name, then keys / list indices
-
-
-def array_paths(tree: Any) -> dict[int, Path]:
-    """Array index → the first tree path that references it (``("model", "0.weight")``)."""
-    out: dict[int, Path] = {}
-    stack: list[tuple[Any, Path]] = [(tree, ())]
-    while stack:
-        node, path = stack.pop()
-        if type(node) is not dict:
-            continue
-        tag = node.get("$")
-        if tag == "dict":
-            for k, v in zip(node["keys"], node["values"]):
-                stack.append((v, path + (k,)))
-        elif tag in ("list", "tuple"):
-            for i, v in enumerate(node["v"]):
-                stack.append((v, path + (i,)))
-        elif tag in ("tensor", "ndarray"):
-            out.setdefault(node["array"], path)
-        elif isinstance(node.get("v"), (dict, list)):
-            stack.append((node["v"], path))
-    return out
+__all__ = ["Pieces", "array_paths", "live_dtensors", "local_box", "shard_like", "template_for"]
 
 
 class Pieces:
@@ -50,15 +29,7 @@ class Pieces:
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
-        self.by_path: dict[Path, list[tuple[int, int, ArrayEntry]]] = {}
-        for section in manifest.ranks:
-            for j, path in array_paths(section.tree).items():
-                entry = section.arrays[j]
-                if entry.global_shape is None:
-                    continue
-                if entry.stored_by is not None:
-                    continue      # the same bytes as another rank's piece, found there
-                self.by_path.setdefault(path, []).append((section.rank, j, entry))
+        self.by_path = pieces_by_path(manifest)
 
     def boxes(self, read: Callable[[int, list[int]], Mapping[int, Any]],
               wanted: list[tuple[Any, Path, str, tuple[int, ...], tuple[int, ...]]]) -> dict[Any, torch.Tensor]:
