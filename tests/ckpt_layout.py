@@ -11,7 +11,7 @@ from typing import Union
 
 from async_ckpt.format.manifest import (MAX_COMMIT_BYTES, MAX_MANIFEST_BYTES, Manifest,  # noqa: F401
                                         commit_marker_bytes, load_json, parse_manifest,
-                                        parse_manifest_bytes)
+                                        parse_manifest_bytes, seal, seal_state)
 from async_ckpt.format.names import (COMMIT_NAME, LOCK_NAME, MANIFEST_NAME, data_file_name,  # noqa: F401
                                      parse_step_dir, parse_tmp_dir, step_dir_name, tmp_dir_name)
 from async_ckpt.storage.commit import CommitStatus, RenameCommit

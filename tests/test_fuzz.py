@@ -94,6 +94,17 @@ def base(tmp_path_factory):
     return doc, files
 
 
+def reseal(doc) -> bytes:
+    """``doc`` as manifest bytes. A document that carried an intact-looking self digest is
+    sealed again (as the marker is re-signed), so that its mutation reaches the validator;
+    one whose self digest was itself mutated keeps the mutation."""
+    sealed = isinstance(doc, dict) and type(doc.get("self_sha256")) is str and len(doc["self_sha256"]) == 64
+    if not sealed:
+        return json.dumps(doc).encode()
+    body = json.dumps({k: v for k, v in doc.items() if k != "self_sha256"}).encode()
+    return layout.seal(body) if body != b"{}" else body
+
+
 class Lab:
     """Writes mutated steps under one root and loads them through the public API."""
 
@@ -113,7 +124,7 @@ class Lab:
             doc = dict(doc, step=step) if type(doc.get("step")) is int else doc
         if manifest_bytes is None:
             try:
-                manifest_bytes = json.dumps(doc).encode()
+                manifest_bytes = reseal(doc)
             except (ValueError, TypeError, RecursionError):
                 manifest_bytes = b"{"
         (d / layout.MANIFEST_NAME).write_bytes(manifest_bytes)
@@ -267,6 +278,9 @@ def test_fuzz_commit_marker(base, lab, data):
         mutations(good).map(lambda m: json.dumps(m).encode()),
         st.just(b" " * 5000),
         st.just(json.dumps(dict(good, step=2 ** 80)).encode()),
+        st.just(json.dumps(dict(good, format_version=True)).encode()),
+        st.just(json.dumps(dict(good, step=10 ** 400)).encode()),
+        st.sampled_from([raw[2:] for _, raw in SEEDS if raw.startswith(b"C:")]),
     ))
     step, d = lab.write(None, files, manifest_bytes=manifest_bytes, marker=marker)
     status = layout.commit_status(d)                     # never raises
@@ -348,6 +362,30 @@ def _replace_chunk(doc, files, i, stored: bytes, **fields):
     return doc, dict(files, **{name: bytes(data)})
 
 
+# Hostile manifests and markers as bytes: seeds for the atheris corpus ("M:" manifest,
+# "C:" commit marker, "L:" legacy JSON) and, for manifests, targeted lies above.
+_SEAL_ME = b'{"format":"async_ckpt","format_version":1,"writer":"x","step":3,"created_unix":0,"world_size":1,' \
+           b'"metrics":{},"files":[],"chunks":[],"ranks":[{"rank":0,"items":{},"tree":{"$":"dict","keys":[],' \
+           b'"values":[]},"arrays":[]}],"extra":{}}'
+SEEDS: list[tuple[str, bytes]] = [
+    ("manifest: a 400-digit metric", b"M:" + _SEAL_ME.replace(b'"metrics":{}', b'"metrics":{"loss":1' + b"0" * 400 + b"}")),
+    ("manifest: metric 1e999 (inf)", b"M:" + _SEAL_ME.replace(b'"metrics":{}', b'"metrics":{"loss":1e999}')),
+    ("manifest: created_unix 1e18", b"M:" + _SEAL_ME.replace(b'"created_unix":0', b'"created_unix":1e18')),
+    ("manifest: edited after sealing", b"M:" + layout.seal(_SEAL_ME).replace(b'"writer":"x"', b'"writer":"y"')),
+    ("manifest: seal followed by a newline", b"M:" + layout.seal(_SEAL_ME) + b"\n"),
+    ("manifest: 100k zero-length parts", b"M:" + _SEAL_ME.replace(
+        b'"arrays":[]', b'"arrays":[{"dtype":"torch.uint8","shape":[0],"nbytes":0,"parts":['
+        + b",".join([b"[0,0,0]"] * 100_000) + b"]}]")),
+    ("marker: format_version true", b'C:{"format":"async_ckpt","format_version":true,"step":1,"manifest_sha256":"'
+     + b"0" * 64 + b'"}'),
+    ("marker: a 400-digit step", b'C:{"format":"async_ckpt","format_version":1,"step":1' + b"0" * 400
+     + b',"manifest_sha256":"' + b"0" * 64 + b'"}'),
+    ("legacy: 5000-digit global_step", b'L:{"global_step":1' + b"0" * 5000 + b"}"),
+    ("legacy: 100k-deep nesting", b"L:" + b"[" * 100_000 + b"]" * 100_000),
+    ("legacy: weight_map of lists", b'L:{"weight_map":{"a":["model.safetensors"]}}'),
+]
+
+
 def _lies(doc, files):
     """(description, doc, files) triples that must all be rejected with a CheckpointError."""
     z = _zstd_index(doc)
@@ -400,6 +438,22 @@ def _lies(doc, files):
     edit("world_size 2 with one rank", lambda d: d.update(world_size=2))
     edit("step as float", lambda d: d.update(step=3.0))
     edit("metrics NaN string", lambda d: d.update(metrics={"loss": "nan"}))
+    # round 2 of the hostile-input review: each attack a seed here (and in SEEDS for atheris)
+    edit("a 400-digit metric", lambda d: d.update(metrics={"loss": 10 ** 400}))
+    edit("a 400-digit created_unix", lambda d: d.update(created_unix=10 ** 400))
+    edit("created_unix 1e18", lambda d: d.update(created_unix=1e18))
+    edit("a boolean metric", lambda d: d.update(metrics={"loss": True}))
+    edit("format_version true", lambda d: d.update(format_version=True))
+    edit("zero-length part", lambda d: d["ranks"][0]["arrays"][0]["parts"].append([0, 0, 0]))
+    edit("tree key renamed", lambda d: d["ranks"][0]["tree"]["keys"].__setitem__(0, "renamed"))
+    edit("numpy dtype under a tensor node", lambda d: next(
+        a for a in d["ranks"][0]["arrays"] if a["dtype"] == "torch.float32").update(dtype="<f4"))
+    edit("ndarray node over a torch array", lambda d: d["ranks"][0]["tree"]["values"].__setitem__(
+        0, {"$": "ndarray", "array": next(i for i, a in enumerate(d["ranks"][0]["arrays"])
+                                           if a["dtype"] == "torch.float32")}))
+    for desc, raw in SEEDS:
+        if raw.startswith(b"M:"):
+            out.append((desc, raw[2:], files))
     big_int = 10 ** 5000
     out.append(("a 5000-digit number in the manifest", copy.deepcopy(doc) | {"extra": {"n": big_int}}, files))
     dup = json.dumps(doc).replace('"writer":', '"step": 0, "writer":', 1).encode()
@@ -423,7 +477,8 @@ def test_targeted_lies_are_checkpoint_errors(base, lab, tmp_path):
     results = {}
     for desc, d, fs in _lies(doc, files):
         if isinstance(d, bytes):
-            step, sd = lab.write(None, fs, manifest_bytes=d.replace(b'"step": 3', b'"step": %d' % lab.next_step))
+            d = d.replace(b'"step": 3', b'"step": %d' % lab.next_step).replace(b'"step":3,', b'"step":%d,' % lab.next_step)
+            step, sd = lab.write(None, fs, manifest_bytes=d)
         else:
             try:
                 json.dumps(d)
@@ -499,7 +554,7 @@ name = doc["files"][0]["path"]
 def step_dir(step, d, file_bytes):
     sd = root / f"checkpoint-{{step}}"
     sd.mkdir()
-    d = dict(d, step=step)
+    d = {{k: v for k, v in dict(d, step=step).items() if k != "self_sha256"}}   # unsealed: the lie is read
     mb = json.dumps(d).encode()
     (sd / "manifest.json").write_bytes(mb)
     (sd / "COMMIT").write_bytes(layout.commit_marker_bytes(step, mb))
@@ -577,9 +632,11 @@ import numpy as np
 import torch  # imported (not instrumented) before the modules under test
 from async_ckpt import errors, native
 from async_ckpt.errors import CheckpointError
+from pathlib import Path
 with atheris.instrument_imports():
     from async_ckpt.format import manifest as layout
     from async_ckpt.format import tree
+    from async_ckpt.tools import legacy
 
 BASE = json.loads(open({base!r}).read())
 DATA = open({data!r}, "rb").read()
@@ -626,7 +683,26 @@ def reader(fdp):
     except CheckpointError:
         pass
 
+def seeded(data):
+    kind, body = data[:2], data[2:]
+    try:
+        if kind == b"M:":
+            layout.parse_manifest_bytes(body)
+        elif kind == b"C:":
+            layout.parse_commit_marker(body)
+        else:
+            p = PATH + ".json"
+            with open(p, "wb") as f:
+                f.write(body)
+            obj = legacy.read_json(Path(p))
+            legacy.check_trainer_state(obj)
+            legacy.weight_map_shards(obj, "index.json")
+    except CheckpointError:
+        pass
+
 def target(data):
+    if data[:2] in (b"M:", b"C:", b"L:"):     # the seed corpus' own formats
+        return seeded(data)
     fdp = atheris.FuzzedDataProvider(data)
     (manifest if fdp.ConsumeBool() else reader)(fdp)
 
@@ -647,6 +723,8 @@ def test_atheris(base, tmp_path):
                                              data=str(tmp_path / "base.bin"), seconds=ATHERIS_SECONDS))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
+    for i, (_, raw) in enumerate(SEEDS):
+        (corpus / f"seed-{i:02d}").write_bytes(raw)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(script), str(corpus)], capture_output=True, text=True,
                           timeout=ATHERIS_SECONDS + 180, cwd=str(tmp_path))

@@ -12,21 +12,34 @@ Threads: any thread; every function is pure.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from ..errors import FormatError
 from .dtypes import parse_array_dtype
-from .names import COMMIT_NAME, MANIFEST_NAME, is_safe_file_name
-from .tree import walk_arrays
+from .names import COMMIT_NAME, MANIFEST_NAME, MAX_STEP, is_safe_file_name
+from .tree import walk_array_refs
 
 FORMAT_NAME = "async_ckpt"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_COMMIT_BYTES = 4096
+# JSON arrays + objects a manifest may hold (a 20k-tensor model with AdamW state: ~360k).
+MAX_JSON_CONTAINERS = 1 << 24
+MAX_FILES = 1 << 20
+MAX_CHUNKS = 1 << 22
+MAX_PARTS = 1 << 23
+MAX_WORLD_SIZE = 1 << 20
+MAX_INT = (1 << 63) - 1                 # every integer field fits a signed 64-bit integer
+MAX_FILE_BYTES = MAX_INT
+MAX_CREATED_UNIX = 253402300799         # 9999-12-31T23:59:59Z, the last second datetime can show
+_FLOAT_MAX = sys.float_info.max
 MAX_CHUNK_RAW = 1 << 31
 # The densest zstd block is RLE: 4 bytes for 128 KiB, so a frame never expands further.
 MAX_ZSTD_RATIO = 32768
@@ -38,6 +51,8 @@ SHUFFLES = (0, 2, 4, 8)
 ITEM_KINDS = ("model", "optimizer", "scheduler", "progress", "data", "rng", "config",
               "tokenizer", "scaler", "other")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_SEAL_TAIL = re.compile(rb',"self_sha256":"([0-9a-f]{64})"\}\Z')
+_SEAL_LEN = 82      # len(',"self_sha256":"' + 64 hex + '"}')
 
 
 # ----------------------------------------------------------------------------- schema
@@ -67,6 +82,20 @@ class ArrayEntry:
     shape: tuple[int, ...]
     nbytes: int
     parts: tuple[tuple[int, int, int], ...]   # (chunk, offset in raw chunk, length)
+    # Section 6: a piece [global_offset, global_offset + shape) of a logical array of
+    # global_shape (a DTensor shard); and, for a replica written once, the (rank, array
+    # index) whose bytes these are (parts is then empty).
+    global_shape: Optional[tuple[int, ...]] = None
+    global_offset: Optional[tuple[int, ...]] = None
+    stored_by: Optional[tuple[int, int]] = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"dtype": self.dtype, "shape": self.shape, "nbytes": self.nbytes, "parts": self.parts}
+        if self.global_shape is not None:
+            doc["global_shape"], doc["global_offset"] = self.global_shape, self.global_offset
+        if self.stored_by is not None:
+            doc["stored_by"] = self.stored_by
+        return doc
 
 
 @dataclass(frozen=True)
@@ -116,13 +145,15 @@ class Manifest:
                        "tree": r.tree,
                        # json writes tuples as arrays: no per-array list copies (20k arrays: 3x faster)
                        "arrays": [{"dtype": a.dtype, "shape": a.shape, "nbytes": a.nbytes, "parts": a.parts}
+                                  if a.global_shape is None and a.stored_by is None else a.to_json()
                                   for a in r.arrays]}
                       for r in self.ranks],
             "extra": self.extra,
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), allow_nan=False, separators=(",", ":")).encode()
+        """The manifest file: compact JSON, sealed with its own digest (``self_sha256``)."""
+        return seal(json.dumps(self.to_json(), allow_nan=False, separators=(",", ":")).encode())
 
     def section(self, rank: int) -> RankSection:
         """The tree, items and arrays that ``rank`` saved."""
@@ -142,12 +173,31 @@ class Manifest:
 
 # ----------------------------------------------------------------------------- validation
 
-def _int(value: Any, where: str, lo: int = 0, hi: int | None = None) -> int:
+def _int(value: Any, where: str, lo: int = 0, hi: int = MAX_INT) -> int:
     # bool is an int subclass; a manifest saying `true` for a size is lying.
     if type(value) is not int:
         raise FormatError(f"{where}: expected an integer, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        raise FormatError(f"{where}: {value} out of range [{lo}, {hi if hi is not None else 'inf'}]")
+    if not lo <= value <= hi:
+        shown = value if -10**30 < value < 10**30 else f"a {len(str(abs(value)))}-digit integer"
+        raise FormatError(f"{where}: {shown} out of range [{lo}, {hi}]")
+    return value
+
+
+def _finite(value: Any, where: str, lo: float = -_FLOAT_MAX, hi: float = _FLOAT_MAX) -> float:
+    """A JSON number (int or float, never a bool) as a finite float within [lo, hi]."""
+    t = type(value)
+    if t is int:
+        # Compare before converting: float() of a 400-digit integer raises OverflowError.
+        if not lo <= value <= hi:
+            shown = value if -10**30 < value < 10**30 else f"a {len(str(abs(value)))}-digit integer"
+            raise FormatError(f"{where}: {shown} out of range [{lo:g}, {hi:g}]")
+        return float(value)
+    if t is not float:
+        raise FormatError(f"{where}: expected a number, got {t.__name__}")
+    if not math.isfinite(value):   # 1e999 parses as inf
+        raise FormatError(f"{where}: {value!r} is not a finite number")
+    if not lo <= value <= hi:
+        raise FormatError(f"{where}: {value!r} out of range [{lo:g}, {hi:g}]")
     return value
 
 
@@ -182,11 +232,18 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return doc
 
 
-def load_json(data: bytes, what: str, cap: int) -> Any:
-    """Parse untrusted JSON: size-capped, no NaN/Infinity, no duplicate keys (which would let
-    two readers see different documents), every failure a FormatError."""
+def load_json(data: bytes, what: str, cap: int, max_containers: int = MAX_JSON_CONTAINERS) -> Any:
+    """Parse untrusted JSON: size-capped, at most ``max_containers`` arrays and objects
+    (counted before parsing, so a document of millions of tiny arrays is refused before
+    it is expanded in memory), no NaN/Infinity, no duplicate keys (which would let two
+    readers see different documents), every failure a FormatError."""
     if len(data) > cap:
         raise FormatError(f"{what}: {len(data)} bytes exceeds the cap of {cap}")
+    # An upper bound (brackets inside strings count too): C speed, before any allocation.
+    containers = data.count(b"[") + data.count(b"{")
+    if containers > max_containers:
+        raise FormatError(f"{what}: holds up to {containers} JSON arrays and objects, more than the "
+                          f"{max_containers} a reader accepts")
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_reject_constant,
                           object_pairs_hook=_unique_keys)
@@ -197,37 +254,176 @@ def load_json(data: bytes, what: str, cap: int) -> Any:
         raise FormatError(f"{what}: not valid JSON ({e})") from None
 
 
-def _array_itemsize(dtype: str, where: str) -> int:
+def _array_itemsize(dtype: str, where: str) -> tuple[str, int]:
     try:
-        return parse_array_dtype(dtype)[2]
+        kind, _, itemsize = parse_array_dtype(dtype)
     except FormatError as e:
         raise FormatError(f"{where}: {e}") from None
+    return kind, itemsize
+
+
+def _array_slow(a: Any, aw: str, raw_lengths: list[int], dtype_cache: dict[str, tuple[str, int]]
+                ) -> tuple[dict, str, tuple[str, int], int]:
+    """Validate one array record field by field; raise FormatError naming the first problem
+    (the fast path in parse_manifest found one), else return it with its dtype's facts."""
+    a = _obj(a, aw)
+    dtype = _str(a.get("dtype"), aw + ".dtype")
+    known = dtype_cache.get(dtype) or _array_itemsize(dtype, aw + ".dtype")
+    dtype_cache[dtype] = known
+    shape_doc = _list(a.get("shape"), aw + ".shape")
+    if len(shape_doc) > MAX_NDIM:
+        raise FormatError(f"{aw}.shape: {len(shape_doc)} dims exceeds {MAX_NDIM}")
+    expect = known[1]
+    for j, d in enumerate(shape_doc):
+        expect *= _int(d, f"{aw}.shape[{j}]", 0, MAX_ARRAY_BYTES)
+        if expect > MAX_ARRAY_BYTES:
+            raise FormatError(f"{aw}.shape: {shape_doc} exceeds {MAX_ARRAY_BYTES} bytes")
+    nbytes = _int(a.get("nbytes"), aw + ".nbytes", 0, MAX_ARRAY_BYTES)
+    if nbytes != expect:
+        raise FormatError(f"{aw}.nbytes: {nbytes} != prod(shape) * itemsize = {expect}")
+    n_chunks = len(raw_lengths)
+    total = 0
+    for p_i, p in enumerate(_list(a.get("parts"), aw + ".parts")):
+        pw = f"{aw}.parts[{p_i}]"
+        if type(p) is not list or len(p) != 3:
+            raise FormatError(f"{pw}: expected [chunk, offset, length]")
+        ci = _int(p[0], pw + "[0]", 0, n_chunks - 1)
+        off = _int(p[1], pw + "[1]", 0, MAX_CHUNK_RAW)
+        ln = _int(p[2], pw + "[2]", 1, MAX_CHUNK_RAW)
+        if off + ln > raw_lengths[ci]:
+            raise FormatError(f"{pw}: range [{off}, {off + ln}) lies outside chunk {ci} "
+                              f"({raw_lengths[ci]} raw bytes)")
+        total += ln
+    if total != nbytes:
+        raise FormatError(f"{aw}.parts: lengths sum to {total}, expected {nbytes}")
+    return a, dtype, known, nbytes
+
+
+def _dims(value: Any, where: str, ndim: int) -> tuple[int, ...]:
+    dims = _list(value, where)
+    if len(dims) != ndim:
+        raise FormatError(f"{where}: {len(dims)} dims, the array has {ndim}")
+    return tuple(_int(d, f"{where}[{j}]", 0, MAX_ARRAY_BYTES) for j, d in enumerate(dims))
+
+
+def _array_distributed(a: dict, aw: str, raw_lengths: list[int], dtype_cache: dict[str, tuple[str, int]],
+                       world_size: int) -> tuple[ArrayEntry, str]:
+    """An array record with section 6 fields: a shard (global_shape + global_offset) and/or a
+    replica stored by another rank (stored_by, no parts)."""
+    stored_by = None
+    if "stored_by" in a:
+        ref = _list(a["stored_by"], aw + ".stored_by")
+        if len(ref) != 2:
+            raise FormatError(f"{aw}.stored_by: expected [rank, array index]")
+        stored_by = (_int(ref[0], aw + ".stored_by[0]", 0, world_size - 1),
+                     _int(ref[1], aw + ".stored_by[1]", 0, MAX_PARTS))
+        if a.get("parts") != []:
+            raise FormatError(f"{aw}.parts: an array stored by another rank has no parts of its own")
+        check = dict(a, parts=[])
+        nbytes_doc = a.get("nbytes")
+        check["nbytes"] = 0 if type(nbytes_doc) is int else nbytes_doc   # parts sum to 0 here
+        _, dtype, known, _ = _array_slow(dict(check, shape=[0]), aw, raw_lengths, dtype_cache)
+        shape = tuple(_int(d, f"{aw}.shape[{j}]", 0, MAX_ARRAY_BYTES)
+                      for j, d in enumerate(_list(a.get("shape"), aw + ".shape")))
+        expect = known[1]
+        for d in shape:
+            expect *= d
+            if expect > MAX_ARRAY_BYTES:
+                raise FormatError(f"{aw}.shape: {list(shape)} exceeds {MAX_ARRAY_BYTES} bytes")
+        nbytes = _int(nbytes_doc, aw + ".nbytes", 0, MAX_ARRAY_BYTES)
+        if nbytes != expect:
+            raise FormatError(f"{aw}.nbytes: {nbytes} != prod(shape) * itemsize = {expect}")
+        parts: tuple = ()
+    else:
+        a, dtype, known, nbytes = _array_slow(a, aw, raw_lengths, dtype_cache)
+        shape = tuple(a["shape"])
+        parts = tuple(map(tuple, a["parts"]))
+    global_shape = global_offset = None
+    if "global_shape" in a or "global_offset" in a:
+        global_shape = _dims(a.get("global_shape"), aw + ".global_shape", len(shape))
+        global_offset = _dims(a.get("global_offset"), aw + ".global_offset", len(shape))
+        for j, (o, n, g) in enumerate(zip(global_offset, shape, global_shape)):
+            if o + n > g:
+                raise FormatError(f"{aw}: dim {j} of the piece [{o}, {o + n}) lies outside the global shape {g}")
+    return ArrayEntry(dtype, shape, nbytes, parts, global_shape, global_offset, stored_by), known[0]
+
+
+def _check_replicas(ranks: list[RankSection]) -> None:
+    """Every stored_by names an array that has bytes of its own, of the same dtype and shape."""
+    for section in ranks:
+        for a_i, a in enumerate(section.arrays):
+            if a.stored_by is None:
+                continue
+            r, j = a.stored_by
+            where = f"manifest.ranks[{section.rank}].arrays[{a_i}].stored_by"
+            if j >= len(ranks[r].arrays):
+                raise FormatError(f"{where}: rank {r} has no array {j}")
+            src = ranks[r].arrays[j]
+            if src.stored_by is not None:
+                raise FormatError(f"{where}: rank {r} array {j} is itself stored elsewhere (no chains)")
+            if (src.dtype, src.shape) != (a.dtype, a.shape):
+                raise FormatError(f"{where}: rank {r} array {j} is {src.dtype}{list(src.shape)}, "
+                                  f"this one {a.dtype}{list(a.shape)}")
+
+
+def _check_tree(tree: Any, where: str, items: dict[str, ItemEntry], arrays: list[ArrayEntry],
+                kinds: list[str]) -> None:
+    """The tree decodes (without torch), names exactly the items, and each reference fits its
+    array's dtype: what restore will ask of it."""
+    if not isinstance(tree, dict) or tree.get("$") != "dict":
+        raise FormatError(f"{where}.tree: top level must be a dict node")
+    refs = walk_array_refs(tree)
+    keys = tree["keys"]
+    if any(type(k) is not str for k in keys):
+        raise FormatError(f"{where}.tree: top-level keys must be strings (item names)")
+    if set(keys) != items.keys():
+        extra = sorted(set(keys) - items.keys())
+        missing = sorted(items.keys() - set(keys))
+        raise FormatError(f"{where}.tree: top-level keys do not match items (in the tree only: {extra[:5]}, "
+                          f"in items only: {missing[:5]})")
+    n = len(arrays)
+    for idx, ref in refs:
+        if idx >= n:
+            raise FormatError(f"{where}.tree: array index {idx} out of range (have {n})")
+        kind = kinds[idx]
+        if ref == "ndarray" and kind != "numpy":
+            raise FormatError(f"{where}.tree: an ndarray node references array {idx} of dtype "
+                              f"{arrays[idx].dtype}, not a numpy dtype")
+        if ref != "ndarray" and kind != "torch":
+            raise FormatError(f"{where}.tree: a tensor node references array {idx} of dtype "
+                              f"{arrays[idx].dtype}, not a torch dtype")
+        if ref == "generator" and arrays[idx].dtype != "torch.uint8":
+            raise FormatError(f"{where}.tree: a torch.generator state must be a torch.uint8 tensor, "
+                              f"array {idx} is {arrays[idx].dtype}")
 
 
 def parse_manifest(doc: Any) -> Manifest:
-    """Validate an untrusted manifest document; raise FormatError naming the first problem."""
+    """Validate an untrusted manifest document; raise FormatError naming the first problem.
+
+    Linear in the document's size: one pass over files, chunks and each array's parts, one
+    sort for the overlap checks. The self digest is checked by :func:`parse_manifest_bytes`
+    (it covers bytes, not the parsed document); here only its spelling."""
     doc = _obj(doc, "manifest")
-    if doc.get("format") != FORMAT_NAME:
+    if doc.get("format") != FORMAT_NAME or type(doc.get("format")) is not str:
         raise FormatError(f"manifest: format {doc.get('format')!r} is not {FORMAT_NAME!r}")
     version = _int(doc.get("format_version"), "manifest.format_version")
     if version != FORMAT_VERSION:
         raise FormatError(f"manifest: unsupported format_version {version} (this reader knows {FORMAT_VERSION})")
-    step = _int(doc.get("step"), "manifest.step")
+    step = _int(doc.get("step"), "manifest.step", 0, MAX_STEP)
     writer = _str(doc.get("writer", ""), "manifest.writer")
-    created = doc.get("created_unix", 0.0)
-    if type(created) not in (int, float):
-        raise FormatError("manifest.created_unix: expected a number")
-    world_size = _int(doc.get("world_size"), "manifest.world_size", 1, 1 << 20)
+    created = _finite(doc.get("created_unix", 0.0), "manifest.created_unix", 0, MAX_CREATED_UNIX)
+    world_size = _int(doc.get("world_size"), "manifest.world_size", 1, MAX_WORLD_SIZE)
     metrics_doc = _obj(doc.get("metrics", {}), "manifest.metrics")
-    metrics: dict[str, float] = {}
-    for k, v in metrics_doc.items():
-        if type(v) not in (int, float):
-            raise FormatError(f"manifest.metrics.{k}: expected a number")
-        metrics[k] = float(v)
+    metrics = {k: _finite(v, f"manifest.metrics.{k}") for k, v in metrics_doc.items()}
+    if "self_sha256" in doc and not (type(doc["self_sha256"]) is str and _HEX64.fullmatch(doc["self_sha256"])):
+        raise FormatError("manifest.self_sha256: not 64 lowercase hex digits")
 
     files: list[FileEntry] = []
     seen_paths: set[str] = set()
-    for i, f in enumerate(_list(doc.get("files"), "manifest.files")):
+    files_doc = _list(doc.get("files"), "manifest.files")
+    if len(files_doc) > MAX_FILES:
+        raise FormatError(f"manifest.files: {len(files_doc)} files, more than {MAX_FILES}")
+    for i, f in enumerate(files_doc):
         where = f"manifest.files[{i}]"
         f = _obj(f, where)
         path = _str(f.get("path"), where + ".path")
@@ -236,28 +432,32 @@ def parse_manifest(doc: Any) -> Manifest:
         if path in seen_paths:
             raise FormatError(f"{where}.path: duplicate file {path!r}")
         seen_paths.add(path)
-        files.append(FileEntry(path, _int(f.get("size"), where + ".size"),
+        files.append(FileEntry(path, _int(f.get("size"), where + ".size", 0, MAX_FILE_BYTES),
                                _int(f.get("rank"), where + ".rank", 0, world_size - 1)))
 
     chunks: list[ChunkEntry] = []
     extents: list[tuple[int, int, int, int]] = []
-    for i, c in enumerate(_list(doc.get("chunks"), "manifest.chunks")):
+    chunks_doc = _list(doc.get("chunks"), "manifest.chunks")
+    if len(chunks_doc) > MAX_CHUNKS:
+        raise FormatError(f"manifest.chunks: {len(chunks_doc)} chunks, more than {MAX_CHUNKS}")
+    n_files = len(files)
+    for i, c in enumerate(chunks_doc):
         where = f"manifest.chunks[{i}]"
         c = _obj(c, where)
-        fi = _int(c.get("file"), where + ".file", 0, len(files) - 1)
-        offset = _int(c.get("offset"), where + ".offset")
-        length = _int(c.get("length"), where + ".length")
+        fi = _int(c.get("file"), where + ".file", 0, n_files - 1)
+        offset = _int(c.get("offset"), where + ".offset", 0, MAX_FILE_BYTES)
+        length = _int(c.get("length"), where + ".length", 0, MAX_FILE_BYTES)
         raw = _int(c.get("raw_length"), where + ".raw_length", 0, MAX_CHUNK_RAW)
-        codec = _str(c.get("codec"), where + ".codec")
-        if codec not in CODECS:
+        codec = c.get("codec")
+        if codec not in CODECS or type(codec) is not str:
             raise FormatError(f"{where}.codec: unknown codec {codec!r}")
-        shuffle = _int(c.get("shuffle"), where + ".shuffle")
+        shuffle = _int(c.get("shuffle"), where + ".shuffle", 0, 8)
         if shuffle not in SHUFFLES:
             raise FormatError(f"{where}.shuffle: {shuffle} not one of {SHUFFLES}")
         if codec == "raw" and (length != raw or shuffle != 0):
             raise FormatError(f"{where}: raw chunk must have length == raw_length and shuffle 0")
-        if codec == "zstd" and raw > length * MAX_ZSTD_RATIO:
-            raise FormatError(f"{where}: {length} stored bytes cannot decode to {raw} "
+        if codec == "zstd" and (length == 0 or raw > length * MAX_ZSTD_RATIO):
+            raise FormatError(f"{where}: {length} stored bytes cannot be a zstd frame of {raw} bytes "
                               f"(zstd expands at most {MAX_ZSTD_RATIO}x)")
         if offset + length > files[fi].size:
             raise FormatError(f"{where}: bytes [{offset}, {offset + length}) run past the end of "
@@ -272,8 +472,10 @@ def parse_manifest(doc: Any) -> Manifest:
         if a[0] == b[0] and b[1] < a[2]:
             raise FormatError(f"manifest.chunks[{b[3]}] overlaps manifest.chunks[{a[3]}] "
                               f"in {files[a[0]].path}")
+    raw_lengths = [c.raw_length for c in chunks]
 
     ranks: list[RankSection] = []
+    n_parts = 0
     for r_i, r in enumerate(_list(doc.get("ranks"), "manifest.ranks")):
         where = f"manifest.ranks[{r_i}]"
         r = _obj(r, where)
@@ -283,51 +485,63 @@ def parse_manifest(doc: Any) -> Manifest:
         items: dict[str, ItemEntry] = {}
         for name, it in _obj(r.get("items"), where + ".items").items():
             it = _obj(it, f"{where}.items.{name}")
-            kind = _str(it.get("kind"), f"{where}.items.{name}.kind")
-            if kind not in ITEM_KINDS:
+            kind = it.get("kind")
+            if kind not in ITEM_KINDS or type(kind) is not str:
                 raise FormatError(f"{where}.items.{name}.kind: unknown kind {kind!r}")
             rec = it.get("reconstructed", False)
             if type(rec) is not bool:
                 raise FormatError(f"{where}.items.{name}.reconstructed: expected a boolean")
             items[name] = ItemEntry(kind, _str(it.get("type", ""), f"{where}.items.{name}.type"), rec)
         arrays: list[ArrayEntry] = []
+        kinds: list[str] = []
         claimed: list[tuple[int, int, int, int]] = []
+        dtype_cache: dict[str, tuple[str, int]] = {}
+        n_chunks = len(raw_lengths)
         for a_i, a in enumerate(_list(r.get("arrays"), where + ".arrays")):
-            aw = f"{where}.arrays[{a_i}]"
-            a = _obj(a, aw)
-            dtype = _str(a.get("dtype"), aw + ".dtype")
-            itemsize = _array_itemsize(dtype, aw + ".dtype")
-            shape = tuple(_int(d, f"{aw}.shape[{j}]", 0, MAX_ARRAY_BYTES)
-                          for j, d in enumerate(_list(a.get("shape"), aw + ".shape")))
-            if len(shape) > MAX_NDIM:
-                raise FormatError(f"{aw}.shape: {len(shape)} dims exceeds {MAX_NDIM}")
-            expect = itemsize
-            for d in shape:
-                expect *= d
-                if expect > MAX_ARRAY_BYTES:
-                    raise FormatError(f"{aw}.shape: {list(shape)} exceeds {MAX_ARRAY_BYTES} bytes")
-            nbytes = _int(a.get("nbytes"), aw + ".nbytes", 0, MAX_ARRAY_BYTES)
-            if nbytes != expect:
-                raise FormatError(f"{aw}.nbytes: {nbytes} != prod(shape) * itemsize = {expect}")
-            parts = []
-            total = 0
-            for p_i, p in enumerate(_list(a.get("parts"), aw + ".parts")):
-                pw = f"{aw}.parts[{p_i}]"
-                p = _list(p, pw)
-                if len(p) != 3:
-                    raise FormatError(f"{pw}: expected [chunk, offset, length]")
-                ci = _int(p[0], pw + "[0]", 0, len(chunks) - 1)
-                off = _int(p[1], pw + "[1]")
-                ln = _int(p[2], pw + "[2]")
-                if off + ln > chunks[ci].raw_length:
-                    raise FormatError(f"{pw}: range [{off}, {off + ln}) lies outside chunk {ci} "
-                                      f"({chunks[ci].raw_length} raw bytes)")
-                total += ln
-                parts.append((ci, off, ln))
-            if total != nbytes:
-                raise FormatError(f"{aw}.parts: lengths sum to {total}, expected {nbytes}")
-            arrays.append(ArrayEntry(dtype, shape, nbytes, tuple(parts)))
-            claimed.extend((ci, off, off + ln, a_i) for ci, off, ln in parts if ln)
+            if type(a) is dict and ("stored_by" in a or "global_shape" in a):
+                entry, kind = _array_distributed(a, f"{where}.arrays[{a_i}]", raw_lengths, dtype_cache,
+                                                 world_size)
+                arrays.append(entry)
+                kinds.append(kind)
+                n_parts += len(entry.parts)
+                claimed.extend((ci, off, off + ln, a_i) for ci, off, ln in entry.parts)
+                continue
+            # Fast path: one combined test per field, no string formatting; a failure is
+            # re-checked by _array_slow, which names the field.
+            dtype = a.get("dtype") if type(a) is dict else None
+            known = dtype_cache.get(dtype) if type(dtype) is str else None
+            shape = a.get("shape") if known is not None else None
+            nbytes = a.get("nbytes")
+            parts_doc = a.get("parts") if known is not None else None
+            ok = type(shape) is list and len(shape) <= MAX_NDIM and type(parts_doc) is list
+            if ok:
+                expect = known[1]
+                for d in shape:
+                    if type(d) is not int or not 0 <= d <= MAX_ARRAY_BYTES:
+                        ok = False
+                        break
+                    expect *= d
+                ok = ok and expect <= MAX_ARRAY_BYTES and type(nbytes) is int and nbytes == expect
+            if ok:
+                total = 0
+                for p in parts_doc:
+                    if (type(p) is not list or len(p) != 3 or type(p[0]) is not int or type(p[1]) is not int
+                            or type(p[2]) is not int or not 0 <= p[0] < n_chunks or p[1] < 0 or p[2] < 1
+                            or p[1] + p[2] > raw_lengths[p[0]]):
+                        ok = False
+                        break
+                    total += p[2]
+                ok = ok and total == nbytes
+            if not ok:
+                a, dtype, known, nbytes = _array_slow(a, f"{where}.arrays[{a_i}]", raw_lengths, dtype_cache)
+            parts = tuple(map(tuple, a["parts"]))
+            n_parts += len(parts)
+            if n_parts > MAX_PARTS:
+                raise FormatError(f"{where}.arrays[{a_i}].parts: the manifest holds more than {MAX_PARTS} parts")
+            arrays.append(ArrayEntry(dtype, tuple(a["shape"]), nbytes, parts))   # type: ignore[arg-type]
+            kinds.append(known[0])
+            for ci, off, ln in parts:
+                claimed.append((ci, off, off + ln, a_i))
         # Distinct arrays never share bytes (tied tensors share an index instead), so the
         # arrays' total size is bounded by the chunks' raw size: no amplification.
         claimed.sort()
@@ -335,16 +549,13 @@ def parse_manifest(doc: Any) -> Manifest:
             if a[0] == b[0] and b[1] < a[2]:
                 raise FormatError(f"{where}.arrays[{b[3]}] overlaps {where}.arrays[{a[3]}] in chunk {a[0]}")
         tree = r.get("tree")
-        if not isinstance(tree, dict) or tree.get("$") != "dict":
-            raise FormatError(f"{where}.tree: top level must be a dict node")
-        for idx in walk_arrays(tree):
-            if type(idx) is not int or not 0 <= idx < len(arrays):
-                raise FormatError(f"{where}.tree: array index {idx!r} out of range (have {len(arrays)})")
+        _check_tree(tree, where, items, arrays, kinds)
         ranks.append(RankSection(rank, items, tree, tuple(arrays)))
     if len(ranks) != world_size:
         raise FormatError(f"manifest.ranks: {len(ranks)} sections for world_size {world_size}")
+    _check_replicas(ranks)
     extra = _obj(doc.get("extra", {}), "manifest.extra")
-    return Manifest(step, writer, float(created), world_size, metrics, tuple(files),
+    return Manifest(step, writer, created, world_size, metrics, tuple(files),
                     tuple(chunks), tuple(ranks), extra)
 
 
@@ -352,9 +563,36 @@ def manifest_digest(manifest_bytes: bytes) -> str:
     return hashlib.sha256(manifest_bytes).hexdigest()
 
 
+# ----------------------------------------------------------------------------- the self digest
+
+def seal(content: bytes) -> bytes:
+    """The manifest file for ``content`` (one JSON object, compact): ``self_sha256``, the
+    SHA-256 of ``content``, appended as the object's last member (FORMAT.md section 2.3)."""
+    if not (content.startswith(b"{") and content.endswith(b"}")) or content == b"{}":
+        raise ValueError("seal() takes a non-empty compact JSON object")
+    return content[:-1] + b',"self_sha256":"' + hashlib.sha256(content).hexdigest().encode() + b'"}'
+
+
+def seal_state(data: bytes) -> Optional[bool]:
+    """Whether a manifest file proves itself intact: True when it ends with a ``self_sha256``
+    member matching the rest of the file, False when it carries one that does not match (the
+    manifest is damaged), None when it carries none (written before the self digest existed:
+    nothing can be proven either way)."""
+    m = _SEAL_TAIL.search(data, max(0, len(data) - _SEAL_LEN))
+    if m is None:
+        # No well-formed tail. A self_sha256 key elsewhere (or a damaged tail) is not a seal
+        # that can be checked: a damaged one.
+        return False if b'"self_sha256"' in data else None
+    return hashlib.sha256(data[:m.start()] + b"}").hexdigest() == m.group(1).decode()
+
+
 def parse_manifest_bytes(data: bytes) -> Manifest:
-    """Parse and validate a manifest file's bytes."""
-    return parse_manifest(load_json(data, MANIFEST_NAME, MAX_MANIFEST_BYTES))
+    """Parse and validate a manifest file's bytes, including its self digest when it has one."""
+    manifest = parse_manifest(load_json(data, MANIFEST_NAME, MAX_MANIFEST_BYTES))
+    if b'"self_sha256"' in data and seal_state(data) is not True:
+        raise FormatError(f"{MANIFEST_NAME}: its content does not match its own digest (self_sha256): "
+                          "the manifest is damaged")
+    return manifest
 
 
 # ----------------------------------------------------------------------------- commit marker
@@ -367,11 +605,14 @@ def commit_marker_bytes(step: int, manifest_bytes: bytes) -> bytes:
 
 def parse_commit_marker(data: bytes) -> dict[str, Any]:
     """Validate an untrusted COMMIT document; FormatError names the problem."""
-    doc = _obj(load_json(data, COMMIT_NAME, MAX_COMMIT_BYTES), COMMIT_NAME)
-    if doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{COMMIT_NAME}: unknown format {doc.get('format')!r} "
-                          f"version {doc.get('format_version')!r}")
-    _int(doc.get("step"), f"{COMMIT_NAME}.step")
+    doc = _obj(load_json(data, COMMIT_NAME, MAX_COMMIT_BYTES, 64), COMMIT_NAME)
+    if type(doc.get("format")) is not str or doc.get("format") != FORMAT_NAME:
+        raise FormatError(f"{COMMIT_NAME}: unknown format {doc.get('format')!r}")
+    version = _int(doc.get("format_version"), f"{COMMIT_NAME}.format_version")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{COMMIT_NAME}: unsupported format_version {version} "
+                          f"(this reader knows {FORMAT_VERSION})")
+    _int(doc.get("step"), f"{COMMIT_NAME}.step", 0, MAX_STEP)
     digest = _str(doc.get("manifest_sha256"), f"{COMMIT_NAME}.manifest_sha256")
     if not _HEX64.fullmatch(digest):
         raise FormatError(f"{COMMIT_NAME}.manifest_sha256: not 64 lowercase hex digits")
@@ -421,7 +662,7 @@ def merge_ranks(step: int, results: Sequence[RankResult], *, writer: str, create
         chunks.extend(ChunkEntry(c.file + file_base, c.offset, c.length, c.raw_length, c.codec, c.shuffle,
                                  c.crc32c, c.raw_crc32c) if file_base else c for c in r.chunks)
         arrays = r.arrays if not chunk_base else tuple(
-            ArrayEntry(a.dtype, a.shape, a.nbytes, tuple((c + chunk_base, o, n) for c, o, n in a.parts))
+            dataclasses.replace(a, parts=tuple((c + chunk_base, o, n) for c, o, n in a.parts))
             for a in r.arrays)
         sections.append(RankSection(r.rank, dict(r.items), r.tree, arrays))
     return Manifest(step=step, writer=writer, created_unix=created_unix, world_size=len(ordered),

@@ -13,6 +13,7 @@ MANIFEST_NAME = "manifest.json"
 COMMIT_NAME = "COMMIT"
 LOCK_NAME = ".async_ckpt.lock"
 QUARANTINE_TAG = ".corrupt-"
+MAX_STEP = (1 << 63) - 1      # steps fit a signed 64-bit integer (docs/FORMAT.md section 1)
 
 _STEP = r"(0|[1-9][0-9]{0,18})"
 _STEP_DIR = re.compile(rf"checkpoint-{_STEP}")
@@ -37,7 +38,10 @@ def quarantine_dir_name(step: int) -> str:
 def _step_of(pattern: re.Pattern, name: str) -> int | None:
     # fullmatch: "$" would also accept a trailing newline ("checkpoint-99\n").
     m = pattern.fullmatch(name)
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    step = int(m.group(1))
+    return step if step <= MAX_STEP else None
 
 
 def parse_step_dir(name: str) -> int | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, Union
 
@@ -54,6 +55,7 @@ __all__ = [
     "encode_tree",
     "is_stateful",
     "parse_array_dtype",
+    "walk_array_refs",
     "walk_arrays",
 ]
 
@@ -79,6 +81,10 @@ class ArrayRef:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    # A shard of a distributed tensor (DTensor): the logical array's shape and where this
+    # piece starts in it (docs/FORMAT.md section 6). None for an ordinary array.
+    global_shape: Any = None
+    global_offset: Any = None
 
 
 def _array_ref(value: Any, dtype: str, shape: tuple[int, ...], nbytes: int,
@@ -92,6 +98,11 @@ def _array_ref(value: Any, dtype: str, shape: tuple[int, ...], nbytes: int,
     d["shape"] = shape
     d["nbytes"] = nbytes
     return ref
+
+
+def _is_dtensor(t: Any) -> bool:
+    cls = type(t)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
 
 def is_stateful(obj: Any) -> bool:
@@ -145,6 +156,7 @@ def _join_path(base: str, parts: list[Any]) -> str:
 # --------------------------------------------------------------------------- encode
 
 _NONFINITE = {"nan", "inf", "-inf"}
+_TORCH_DTYPE_NAME = re.compile(r"torch\.[a-z][a-z0-9_]{0,31}")
 _GENERATOR_NAMES = frozenset({"PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"})
 
 
@@ -213,8 +225,23 @@ class _Encoder:
     def tensor(self, t: Any) -> Node:
         hit = self.by_id.get(id(t))
         if hit is None:
-            hit = self.new_tensor(t)
+            hit = self.new_tensor(t) if type(t) in _TENSOR_TYPES or not _is_dtensor(t) else self.shard(t)
         return {"$": "tensor", "array": hit[0], "device": hit[1], "requires_grad": t.requires_grad}
+
+    def shard(self, t: Any) -> tuple[int, str]:
+        """A DTensor: its local shard is the array, with the global shape and offset."""
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = t.to_local()
+        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        idx, dev = self.new_tensor(local)
+        ref = self.refs[idx]
+        d = ref.__dict__
+        d["global_shape"] = tuple(int(x) for x in t.shape)
+        d["global_offset"] = tuple(int(x) for x in offset)
+        self.keep.append(t)
+        self.by_id[id(t)] = (idx, dev)
+        return idx, dev
 
     def new_tensor(self, t: Any) -> tuple[int, str]:
         dtype = t.dtype
@@ -400,10 +427,10 @@ class _Decoder:
     __slots__ = ("arrays", "n_arrays", "max_depth", "seen")
 
     def __init__(self, arrays: Sequence[Any] | None, max_depth: int) -> None:
-        self.arrays = arrays               # None: validate only, collect indices in `seen`
+        self.arrays = arrays               # None: validate only, collect references in `seen`
         self.n_arrays = len(arrays) if arrays is not None else None
         self.max_depth = max_depth
-        self.seen: list[int] = []
+        self.seen: list[tuple[int, str]] = []   # (array index, "tensor" | "ndarray" | "generator")
 
     def dec(self, node: Any, depth: int) -> Any:
         t = type(node)
@@ -511,6 +538,7 @@ class _Decoder:
         if self.arrays is None:
             if not (isinstance(node["v"], dict) and node["v"].get("$") == "tensor"):
                 raise _PathError("torch.generator node: v must be a tensor node")
+            self.seen[-1] = (self.seen[-1][0], "generator")    # its array must be torch.uint8
             return None
         if torch is None:
             raise _PathError("torch.generator node: torch is not installed")
@@ -518,7 +546,9 @@ class _Decoder:
             raise _PathError("torch.generator node: v must be a uint8 tensor")
         gen = torch.Generator()
         try:
-            gen.set_state(state)
+            # A private copy: set_state crashes the process on a view with a storage offset
+            # (torch 2.13), and restored arrays may be views of a shared chunk buffer.
+            gen.set_state(state.clone())
         except (RuntimeError, TypeError, ValueError) as exc:
             raise _PathError(f"torch.generator node: invalid state: {exc}") from None
         return gen
@@ -539,7 +569,7 @@ class _Decoder:
         if type(i) is not int or i < 0:
             raise _PathError(f"{node['$']} node: array must be a non-negative integer, not {i!r}")
         if self.arrays is None:
-            self.seen.append(i)
+            self.seen.append((i, node["$"]))
             return None
         if i >= self.n_arrays:
             raise _PathError(f"{node['$']} node: array index {i} out of range ({self.n_arrays} arrays)")
@@ -593,6 +623,10 @@ class _Decoder:
         v = node["v"]
         if type(v) is not str:
             raise _PathError("torch.dtype node: v must be a string")
+        if self.arrays is None and torch is None:   # validating without torch: the spelling only
+            if not _TORCH_DTYPE_NAME.fullmatch(v):
+                raise _PathError(f"torch.dtype node: unknown dtype {v!r}")
+            return None
         if torch is None:
             raise _PathError("torch.dtype node: torch is not installed")
         obj = TORCH_DTYPES.get(v)
@@ -604,6 +638,8 @@ class _Decoder:
         v = node["v"]
         if type(v) is not list or any(type(s) is not int or not -(2**63) <= s < 2**63 for s in v):
             raise _PathError("torch.Size node: v must be an array of 64-bit integers")
+        if self.arrays is None:
+            return None
         if torch is None:
             raise _PathError("torch.Size node: torch is not installed")
         try:
@@ -647,7 +683,14 @@ def walk_arrays(node: Any, *, max_depth: int = MAX_DEPTH) -> Iterator[int]:
     depth, base64, dtypes), raising ``FormatError``; range checks against the
     manifest's ``arrays`` are the caller's.
     """
+    return iter([i for i, _ in walk_array_refs(node, max_depth=max_depth)])
+
+
+def walk_array_refs(node: Any, *, max_depth: int = MAX_DEPTH) -> list[tuple[int, str]]:
+    """Like :func:`walk_arrays`, with what each reference needs of its array: ``"tensor"``
+    (a torch dtype), ``"ndarray"`` (a numpy dtype) or ``"generator"`` (a ``torch.uint8``
+    tensor holding a ``torch.Generator`` state). Validation needs no torch."""
     _check_depth(max_depth)
     decoder = _Decoder(None, max_depth)
     _run(decoder, node)
-    return iter(decoder.seen)
+    return decoder.seen

@@ -185,6 +185,12 @@ class Storage(abc.ABC):
         """A small object's bytes (manifest, marker). FileNotFoundError when absent;
         FormatError when larger than ``cap`` or not a regular object (never blocks)."""
 
+    def sha256(self, location: str, name: str, cap: int) -> str:
+        """The SHA-256 (hex) of a small object, with :meth:`get`'s rules. Backends may stream
+        it instead of holding the bytes."""
+        import hashlib
+        return hashlib.sha256(self.get(location, name, cap)).hexdigest()
+
     @abc.abstractmethod
     def put(self, location: str, name: str, data: bytes, *, replace: bool = False) -> None:
         """Store a small object durably; without ``replace`` it must not exist yet. With

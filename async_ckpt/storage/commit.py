@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from ..errors import CheckpointError, FormatError
 from ..format import names
 from ..format.manifest import (MAX_COMMIT_BYTES, MAX_MANIFEST_BYTES, Manifest, commit_marker_bytes,
-                               manifest_digest, parse_commit_marker, parse_manifest_bytes)
+                               manifest_digest, parse_commit_marker, parse_manifest_bytes, seal_state)
 from .base import Storage
 
 Fault = Callable[[str], None]
@@ -50,7 +50,12 @@ class MarkerState(enum.Enum):
 
 @dataclass(frozen=True)
 class CommitStatus:
-    """Everything known about one step location after reading its marker and manifest."""
+    """Everything known about one step location after reading its marker and manifest.
+
+    ``manifest_sealed`` is what the manifest proves about itself (its ``self_sha256``, see
+    docs/FORMAT.md section 2.3): True when intact, False when damaged, None when it carries no
+    self digest (written before it existed). It is what lets a repair tell a damaged marker
+    (re-sign) from a damaged manifest (never re-sign)."""
 
     name: str
     step: Optional[int]
@@ -60,11 +65,17 @@ class CommitStatus:
     manifest_found: bool = False      # a manifest object exists (valid or not)
     manifest_problem: str = ""        # unreadable, invalid or naming another step
     is_location: bool = True          # False: the name is a file, a symlink or missing
+    manifest_sealed: Optional[bool] = None
 
     @property
     def committed(self) -> bool:
         return (self.is_location and self.marker is MarkerState.OK and self.manifest is not None
                 and not self.manifest_problem and names.parse_step_dir(self.name) is not None)
+
+    @property
+    def manifest_proven(self) -> bool:
+        """The manifest is valid and proves itself intact: a new marker may bind it."""
+        return self.manifest is not None and not self.manifest_problem and self.manifest_sealed is True
 
     @property
     def reason(self) -> str:
@@ -76,6 +87,18 @@ class CommitStatus:
         if names.parse_step_dir(self.name) is None:
             return f"{self.name!r} is not a checkpoint-<step> name"
         return self.marker_problem or self.manifest_problem
+
+
+def _digest_problem(sealed: Optional[bool]) -> str:
+    """Why a marker and a manifest disagree, as far as the manifest's self digest tells."""
+    if sealed is True:
+        return ("the commit marker does not match the manifest, which proves itself intact "
+                "(self_sha256): the marker is damaged")
+    if sealed is False:
+        return ("manifest.json is damaged: it matches neither the commit marker's digest nor its own "
+                "(self_sha256)")
+    return ("manifest digest does not match the commit marker, and the manifest carries no self digest "
+            "(written by an older version): cannot tell whether the marker or the manifest is damaged")
 
 
 class CommitPolicy(abc.ABC):
@@ -115,41 +138,72 @@ class CommitPolicy(abc.ABC):
 
     # ------------------------------------------------------------------ reading
 
+    def _read_marker(self, location: str, step: Optional[int]) -> tuple[MarkerState, str, Optional[dict]]:
+        try:
+            doc = parse_commit_marker(self.storage.get(location, names.COMMIT_NAME, MAX_COMMIT_BYTES))
+        except FileNotFoundError:
+            return MarkerState.MISSING, "no commit marker (the save did not finish)", None
+        except (CheckpointError, OSError) as e:
+            return MarkerState.BAD, f"unreadable commit marker: {e}", None
+        if step is not None and doc["step"] != step:
+            return MarkerState.BAD, f"commit marker names step {doc['step']}, the directory says {step}", doc
+        return MarkerState.OK, "", doc
+
     def status(self, name: str) -> CommitStatus:
-        """Read the marker and manifest of the location ``name`` under the root."""
+        """Read the marker and manifest of the location ``name`` under the root, in full.
+
+        Never raises for what it finds (a FIFO, a symlink, garbage, giant numbers): every
+        problem is a reason in the returned status."""
         step = names.step_of_any(name)
         storage = self.storage
         info = storage.stat(self.root, name)
         if info is None or info.kind != "location":
             return CommitStatus(name, step, MarkerState.MISSING, "not a directory", is_location=False)
         location = self.where(name)
-        marker_doc = None
+        marker, marker_problem, marker_doc = self._read_marker(location, step)
         try:
-            marker_doc = parse_commit_marker(storage.get(location, names.COMMIT_NAME, MAX_COMMIT_BYTES))
-            marker, marker_problem = MarkerState.OK, ""
-            if step is not None and marker_doc["step"] != step:
-                marker, marker_problem = (MarkerState.BAD, f"commit marker names step {marker_doc['step']}, "
-                                                           f"the directory says {step}")
-        except FileNotFoundError:
-            marker, marker_problem = MarkerState.MISSING, "no commit marker (the save did not finish)"
-        except (FormatError, OSError) as e:
-            marker, marker_problem = MarkerState.BAD, f"unreadable commit marker: {e}"
-        try:
-            data: Optional[bytes] = storage.get(location, names.MANIFEST_NAME, MAX_MANIFEST_BYTES)
+            data = storage.get(location, names.MANIFEST_NAME, MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             return CommitStatus(name, step, marker, marker_problem, None, False, "manifest.json missing")
-        except (FormatError, OSError) as e:
+        except (CheckpointError, OSError) as e:
             return CommitStatus(name, step, marker, marker_problem, None, True, f"unreadable manifest: {e}")
+        sealed = seal_state(data)
         if marker is MarkerState.OK and marker_doc is not None and manifest_digest(data) != marker_doc["manifest_sha256"]:
-            marker, marker_problem = MarkerState.BAD, "manifest digest does not match the commit marker"
+            marker, marker_problem = MarkerState.BAD, _digest_problem(sealed)
         try:
             manifest = parse_manifest_bytes(data)
         except FormatError as e:
-            return CommitStatus(name, step, marker, marker_problem, None, True, f"invalid manifest: {e}")
+            return CommitStatus(name, step, marker, marker_problem, None, True, f"invalid manifest: {e}",
+                                manifest_sealed=sealed)
         problem = ""
         if step is not None and manifest.step != step:
             problem = f"manifest names step {manifest.step}, the directory says {step}"
-        return CommitStatus(name, step, marker, marker_problem, manifest, True, problem)
+        return CommitStatus(name, step, marker, marker_problem, manifest, True, problem, manifest_sealed=sealed)
+
+    def bound(self, name: str) -> tuple[bool, str]:
+        """``(True, "")`` when ``name`` is a final-named location whose marker names its step and
+        binds its manifest by digest; else ``(False, why)``. Reads the marker and streams the
+        manifest through SHA-256 without parsing it: how a root's steps are listed cheaply.
+        :meth:`status` still decides whether the manifest is valid before anything is read."""
+        step = names.parse_step_dir(name)
+        if step is None:
+            return False, f"{name!r} is not a checkpoint-<step> name"
+        info = self.storage.stat(self.root, name)
+        if info is None or info.kind != "location":
+            return False, "not a directory"
+        location = self.where(name)
+        marker, problem, doc = self._read_marker(location, step)
+        if marker is not MarkerState.OK or doc is None:
+            return False, problem
+        try:
+            digest = self.storage.sha256(location, names.MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            return False, "manifest.json missing"
+        except (CheckpointError, OSError) as e:
+            return False, f"unreadable manifest: {e}"
+        if digest != doc["manifest_sha256"]:
+            return False, "manifest digest does not match the commit marker"
+        return True, ""
 
     def step_names(self) -> list[tuple[int, str]]:
         """Final-named step locations (committed or not), ascending by step."""
@@ -157,13 +211,18 @@ class CommitPolicy(abc.ABC):
                       if e.is_location and (s := names.parse_step_dir(e.name)) is not None)
 
     def committed(self) -> dict[int, CommitStatus]:
-        """Every committed step's status, by step."""
+        """Every committed step's status, by step (manifests parsed and validated in full)."""
         out = {}
         for step, name in self.step_names():
             status = self.status(name)
             if status.committed:
                 out[step] = status
         return out
+
+    def bound_steps(self) -> list[int]:
+        """Steps whose marker binds their manifest (see :meth:`bound`), ascending: the cheap
+        listing, without parsing a manifest."""
+        return [step for step, name in self.step_names() if self.bound(name)[0]]
 
     def status_of_step(self, step: int) -> CommitStatus:
         return self.status(names.step_dir_name(step))
@@ -193,9 +252,22 @@ class CommitPolicy(abc.ABC):
         return target
 
     def rewrite_marker(self, step: int) -> None:
-        """A new marker binding the step's current manifest (fix decides when that is safe)."""
+        """A new marker binding the step's current manifest. Refused (CheckpointError) unless
+        the manifest is valid, names ``step`` and proves itself intact (its self digest): a
+        marker is never written over a manifest that may be damaged. Whether its chunks verify
+        is the caller's (fix's) to check first."""
         location = self.where(names.step_dir_name(step))
         data = self.storage.get(location, names.MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        sealed = seal_state(data)
+        if sealed is not True:
+            raise CheckpointError(
+                f"{self.storage.describe(location, names.MANIFEST_NAME)}: refusing to write a commit marker: "
+                + ("the manifest does not match its own digest (damaged)" if sealed is False else
+                   "the manifest carries no self digest (written by an older version), so it cannot be "
+                   "proven intact"))
+        manifest = parse_manifest_bytes(data)
+        if manifest.step != step:
+            raise CheckpointError(f"{self.storage.describe(location)}: the manifest names step {manifest.step}")
         self.storage.put(location, names.COMMIT_NAME, commit_marker_bytes(step, data), replace=True)
         self.storage.sync(location)
 
