@@ -167,15 +167,14 @@ def test_missing_marker_rewritten_only_when_chunks_verify(root):
     assert "checkpoint-2 is CORRUPT" in out
 
 
-def test_mismatched_marker_rewritten_with_backup(root):
+def test_damaged_marker_rewritten_with_backup(root):
     step_dir = root / "checkpoint-2"
-    old_marker = (step_dir / layout.COMMIT_NAME).read_bytes()
-    doc = json.loads((step_dir / layout.MANIFEST_NAME).read_bytes())
-    doc["metrics"] = {"loss": 0.5}
-    (step_dir / layout.MANIFEST_NAME).write_text(json.dumps(doc))
+    damaged = layout.commit_marker_bytes(2, b"not this manifest")
+    (step_dir / layout.COMMIT_NAME).write_bytes(damaged)
     code, out = run_fix(step_dir)
     assert code == 0, out
-    assert (root / fix.BACKUP_DIR / "checkpoint-2" / layout.COMMIT_NAME).read_bytes() == old_marker
+    assert "write a new commit marker" in out
+    assert (root / fix.BACKUP_DIR / "checkpoint-2" / layout.COMMIT_NAME).read_bytes() == damaged
     assert layout.commit_status(step_dir).committed
 
 

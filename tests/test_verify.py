@@ -141,13 +141,22 @@ def test_no_marker_is_uncommitted_and_fixable(complete):
     assert any("commit marker" in f for f in rep.fixable)
 
 
-def test_mismatched_marker_is_corrupt(complete):
+def test_edited_manifest_is_corrupt_and_never_resigned(complete):
     doc = json.loads((complete / layout.MANIFEST_NAME).read_bytes())
     doc["metrics"] = {"loss": 1.0}
     (complete / layout.MANIFEST_NAME).write_text(json.dumps(doc))
     rep = verify.check_step(complete)
     assert rep.verdict == verify.CORRUPT
-    assert any("digest" in p for p in rep.problems)
+    assert any("damaged" in p for p in rep.problems)
+    assert rep.finding(verify.Repair.REWRITE_MARKER) is None
+    assert rep.finding(verify.Repair.QUARANTINE) is not None
+
+
+def test_damaged_marker_is_corrupt_and_fixable(complete):
+    (complete / layout.COMMIT_NAME).write_bytes(layout.commit_marker_bytes(10, b"another manifest"))
+    rep = verify.check_step(complete)
+    assert rep.verdict == verify.CORRUPT
+    assert any("marker is damaged" in p for p in rep.problems)
     assert any("commit marker" in f for f in rep.fixable)
 
 

@@ -28,23 +28,25 @@ uncommitted / not a checkpoint), 64 for usage errors.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import RootBusyError
+from ..errors import CheckpointError, RootBusyError, StorageError
 from ..format import names
 from ..storage.commit import RenameCommit
 from ..storage.native_files import fsync_dir
 from . import legacy, verify
-from .verify import CORRUPT, EXIT_CODES, EXIT_USAGE, NOT_A_CHECKPOINT, OURS, Repair, StepReport
+from .verify import CORRUPT, EXIT_CODES, EXIT_USAGE, NOT_A_CHECKPOINT, OURS, UNCOMMITTED, Repair, StepReport
 
 BACKUP_DIR = ".backup"
-_SCRATCH = re.compile(r"^\.fix-[0-9a-f]{8,32}$")
+_SCRATCH = re.compile(r"\.fix-[0-9a-f]{8,32}")
 
 
 @dataclass
@@ -86,9 +88,22 @@ class Fixer:
         self.out.write(line + "\n")
         self.out.flush()
 
-    def backup_path(self, name: str) -> Path:
+    def backup_dir(self) -> Path:
+        """``<root>/.backup``, created as a real directory. A planted symlink (or anything else
+        that is not a directory) under that name is refused: nothing is written through it."""
         base = self.root / BACKUP_DIR
-        base.mkdir(exist_ok=True)
+        try:
+            os.mkdir(base, 0o755)
+        except FileExistsError:
+            pass
+        if not stat.S_ISDIR(os.lstat(base).st_mode):
+            raise StorageError(errno.ELOOP, f"{BACKUP_DIR} is not a real directory (a symlink?); refusing to "
+                                            "write backups through it", str(base))
+        return base
+
+    def backup_path(self, name: str) -> Path:
+        """A new name for ``name`` inside the backup directory (nothing there is replaced)."""
+        base = self.backup_dir()
         target = base / name
         n = 1
         while os.path.lexists(target):
@@ -97,14 +112,15 @@ class Fixer:
         return target
 
     def _set_aside(self, path: Path) -> str:
-        """Move ``path`` into the backup (or delete it with --no-backup); return what happened."""
+        """Move ``path`` into the backup (or delete it with --no-backup); return what happened.
+        A symlink is moved or removed itself, never followed."""
         if self.backup:
             target = self.backup_path(path.name)
             os.rename(path, target)
             fsync_dir(str(self.root))
             return f"backup: {target}"
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)      # never follows symlinks inside
         else:
             path.unlink()
         fsync_dir(str(self.root))
@@ -116,19 +132,29 @@ class Fixer:
         report = verify.check_path(self.path, step=self.step if self.is_root else None)
         if isinstance(report, verify.RootReport):
             for rep in report.steps:
-                self._plan_step(rep)
+                self._plan_one(rep)
             for e in sorted(os.scandir(self.root), key=lambda e: e.name):
-                if _SCRATCH.match(e.name) and e.is_dir(follow_symlinks=False):
+                if _SCRATCH.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
                     p = Path(e.path)
                     self.actions.append(Action(f"remove {e.name} (scratch left by an interrupted fix)",
                                                lambda p=p: self._set_aside(p)))
         else:
-            self._plan_step(report)
+            self._plan_one(report)
         return report
+
+    def _plan_one(self, rep: StepReport) -> None:
+        """Plan one entry; what cannot even be looked at is reported, never raised."""
+        try:
+            self._plan_step(rep)
+        except (CheckpointError, OSError, ValueError) as e:
+            self.cannot.append(f"{rep.name}: cannot be planned ({type(e).__name__}: {e})")
 
     def _plan_step(self, rep: StepReport) -> None:
         path = Path(rep.path)
         name = rep.name
+        if rep.deleted:
+            self.already.append(f"{name}: {rep.reason}")
+            return
         if rep.verdict == NOT_A_CHECKPOINT:
             self.cannot.append(rep.reason)
             return
@@ -158,6 +184,10 @@ class Fixer:
         if rep.verdict == CORRUPT:
             self._plan_corrupt(rep, path)
             return
+        if rep.verdict == UNCOMMITTED and names.parse_step_dir(name) is not None:
+            why = "; ".join([rep.reason] + [n for n in rep.notes if "self digest" in n])
+            self.cannot.append(f"{name} is not committed ({why})")
+            return
         adds = [k for f in rep.findings if f.repair is Repair.ADD_RECONSTRUCTED for k in f.kinds]
         if adds:
             label = " and ".join(verify.COMPONENT_NAMES[k] for k in adds)
@@ -184,7 +214,11 @@ class Fixer:
 
     def _plan_legacy(self, rep: StepReport, path: Path) -> None:
         found = legacy.detect(path)
-        assert found is not None
+        if found is None:
+            self.cannot.append(f"{rep.name}: changed while being planned; run fix again")
+            return
+        if rep.step is not None:
+            found.step = rep.step     # what verify read inside the file (e.g. global_step)
         if rep.verdict == CORRUPT:
             if self.quarantine and names.parse_step_dir(path.name) is not None:
                 self.actions.append(Action(f"{rep.name}: quarantine it ({'; '.join(rep.problems[:3])})",
@@ -195,6 +229,10 @@ class Fixer:
                                       is not None else ""))
             return
         step = found.step if found.step is not None else 0
+        if step > names.MAX_STEP:
+            self.cannot.append(f"{rep.name}: cannot convert, its step {step} exceeds the largest step the format "
+                               f"allows ({names.MAX_STEP})")
+            return
         in_place = path.is_dir() and names.parse_step_dir(path.name) == step
         target = self.root / names.step_dir_name(step)
         if not in_place and not self.is_root:
@@ -213,17 +251,26 @@ class Fixer:
     # ------------------------------------------------------------------ actions
 
     def _rewrite_marker(self, step_dir: Path, step: int) -> str:
+        """A new marker for a step whose manifest proves itself intact. The old marker (whatever
+        it is: a file, a FIFO, a symlink) is moved into the backup, never opened or followed."""
         marker = step_dir / names.COMMIT_NAME
         msg = "old marker: none"
+        moved = None
         if os.path.lexists(marker):
             if self.backup:
                 target = self.backup_path(step_dir.name)
                 target.mkdir()
-                shutil.copy2(marker, target / names.COMMIT_NAME, follow_symlinks=False)
-                msg = f"backup: {target / names.COMMIT_NAME}"
+                moved = target / names.COMMIT_NAME
+                os.rename(marker, moved)
+                msg = f"backup: {moved}"
             else:
                 msg = "old marker overwritten (--no-backup)"
-        self.policy.rewrite_marker(step)
+        try:
+            self.policy.rewrite_marker(step)      # refuses a manifest that cannot prove itself intact
+        except BaseException:
+            if moved is not None and not os.path.lexists(marker):
+                os.rename(moved, marker)
+            raise
         return f"wrote {marker}; {msg}"
 
     def _quarantine(self, step_dir: Path, step: int) -> str:
@@ -291,6 +338,9 @@ class Fixer:
         except RootBusyError as e:
             self._say(f"fix: {e}; stop the training run first")
             return EXIT_CODES[CORRUPT]
+        except StorageError as e:
+            self._say(f"fix: cannot take the root's lock: {e}")
+            return EXIT_CODES[CORRUPT]
         try:
             return self._run(dry_run)
         finally:
@@ -302,8 +352,8 @@ class Fixer:
             return None
         try:
             return self.policy.lock()
-        except RootBusyError:
-            raise
+        except (RootBusyError, StorageError):
+            raise         # busy, or a planted lock file (a symlink): never act without the lock
         except OSError:
             return None   # read-only root: the plan still prints; acting will fail plainly
 
@@ -365,9 +415,8 @@ run says "nothing to fix".
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> None:  # argparse exits 2, which means CORRUPT here
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")   # one line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,17 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed for reconstructed RNG states (derived from seed and step; default 0)")
     p.add_argument("--quarantine", action="store_true",
                    help="rename corrupt steps to checkpoint-N.corrupt-<id> so restore skips them")
-    p.add_argument("--step", type=int, help="in a root, fix only this step")
+    p.add_argument("--step", type=verify.non_negative_int, help="in a root, fix only this step")
     return p
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = build_parser().parse_args(None if argv is None else list(argv))
-    if args.step is not None and args.step < 0:
-        build_parser().error("--step must be >= 0")
-    fixer = Fixer(Path(args.path), seed=args.seed, backup=not args.no_backup,
-                  quarantine=args.quarantine, step=args.step)
-    return fixer.run(dry_run=args.dry_run)
+    try:
+        fixer = Fixer(Path(args.path), seed=args.seed, backup=not args.no_backup,
+                      quarantine=args.quarantine, step=args.step)
+        return fixer.run(dry_run=args.dry_run)
+    except (CheckpointError, OSError, ValueError) as e:   # e.g. a root that cannot be listed
+        print(f"fix: {args.path}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_CODES[CORRUPT]
 
 
 if __name__ == "__main__":

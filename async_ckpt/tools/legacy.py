@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UnsafeFileError
+from ..errors import FormatError, UnsafeFileError
 from ..format.manifest import ItemEntry
 from ..format.names import COMMIT_NAME, MANIFEST_NAME, parse_step_dir
 
@@ -154,11 +154,50 @@ def load_safetensors(path: Path) -> dict[str, Any]:
         raise UnsafeFileError(f"{path.name}: invalid safetensors file ({e})") from None
 
 
-def read_json(path: Path) -> Any:
+MAX_JSON_BYTES = 256 << 20
+MAX_SIDE_FILE_BYTES = 1 << 30     # config and tokenizer files copied into a converted step
+
+
+def read_file(path: Path, cap: int = MAX_SIDE_FILE_BYTES) -> bytes:
+    """A regular file's bytes, never following a symlink or blocking on a FIFO."""
+    from ..storage.native_files import read_regular_file
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnsafeFileError(f"{path.name}: not valid JSON ({e})") from None
+        return read_regular_file(str(path), cap, path.name)
+    except (FormatError, OSError) as e:
+        raise UnsafeFileError(f"{path.name}: unreadable ({e})") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of another tool: any failure (huge integers, deep nesting, bad UTF-8, a
+    FIFO) is an UnsafeFileError naming the file."""
+    data = read_file(path, MAX_JSON_BYTES)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: JSONDecodeError and integers over Python's digit limit
+        raise UnsafeFileError(f"{path.name}: not valid JSON ({str(e)[:200]})") from None
+
+
+def _depth(node: Any, limit: int) -> bool:
+    """Whether ``node`` nests at most ``limit`` levels (iteratively: no recursion limit)."""
+    stack = [(node, 0)]
+    while stack:
+        n, d = stack.pop()
+        if isinstance(n, (dict, list)):
+            if d >= limit:
+                return False
+            stack.extend((v, d + 1) for v in (n.values() if isinstance(n, dict) else n))
+    return True
+
+
+def weight_map_shards(index: Any, name: str) -> list[str]:
+    """The shard files an ``*.index.json`` names; UnsafeFileError when it is not a
+    ``{"weight_map": {tensor: file name}}`` object."""
+    wm = index.get("weight_map", {}) if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise UnsafeFileError(f"{name}: weight_map must map tensor names to file names")
+    return sorted(set(wm.values()))
 
 
 # ----------------------------------------------------------------------------- detection
@@ -177,6 +216,7 @@ class LegacyCheckpoint:
     step: int | None
     components: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)    # file → why (found while detecting)
 
     @property
     def description(self) -> str:
@@ -213,11 +253,12 @@ def detect(path: Path) -> LegacyCheckpoint | None:
 
     index = [n for n in INDEX_FILES if n in names]
     shards: list[str] = []
+    unreadable: dict[str, str] = {}
     for n in index:
         try:
-            shards.extend(sorted(set(read_json(path / n).get("weight_map", {}).values())))
-        except (UnsafeFileError, AttributeError):
-            pass
+            shards.extend(weight_map_shards(read_json(path / n), n))
+        except UnsafeFileError as e:
+            unreadable[n] = str(e)
     add("model", index + [n for n in WEIGHT_FILES if n in names] + [s for s in shards if s in names]
         + sorted(n for n in names if re.match(r"^(model|pytorch_model)_\d+\.(safetensors|bin)$", n)))
     add("config", [n for n in CONFIG_FILES if n in names])
@@ -239,7 +280,7 @@ def detect(path: Path) -> LegacyCheckpoint | None:
         return None
     layout = ACCELERATE if accelerate and not hf else HF_TRAINER
     ckpt = LegacyCheckpoint(path, layout, _step_from_name(path.name), comps,
-                            sorted(n for n in NEVER_LOADED if n in names))
+                            sorted(n for n in NEVER_LOADED if n in names), unreadable)
     missing = [s for s in shards if s not in names]
     if missing:
         comps["missing_shards"] = missing
@@ -304,8 +345,13 @@ def check(ckpt: LegacyCheckpoint, quick: bool = False) -> list[FileProblem]:
             continue
         for name in files:
             p = ckpt.path / name
+            if name in ckpt.unreadable:
+                problems.append(FileProblem(name, kind, ckpt.unreadable[name]))
+                continue
             try:
-                if name.endswith(".json"):
+                if name == "trainer_state.json":
+                    check_trainer_state(read_json(p))
+                elif name.endswith(".json"):
                     read_json(p)
                 elif name.endswith(".safetensors"):
                     check_safetensors(p, quick)
@@ -314,6 +360,16 @@ def check(ckpt: LegacyCheckpoint, quick: bool = False) -> list[FileProblem]:
             except UnsafeFileError as e:
                 problems.append(FileProblem(name, kind, str(e)))
     return problems
+
+
+def check_trainer_state(ts: Any) -> None:
+    """What conversion needs of ``trainer_state.json``: an object that the typed tree can hold."""
+    from ..format.tree import MAX_DEPTH
+
+    if not isinstance(ts, dict):
+        raise UnsafeFileError(f"trainer_state.json: expected an object, found {type(ts).__name__}")
+    if not _depth(ts, MAX_DEPTH - 8):
+        raise UnsafeFileError(f"trainer_state.json: nests deeper than {MAX_DEPTH - 8} levels")
 
 
 def _file_step(obj: Any) -> int | None:
@@ -368,6 +424,16 @@ def _rng_from_any(obj: Any) -> tuple[dict[str, Any] | None, list[str]]:
     return out, missing
 
 
+def _float(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (bools, strings, ints beyond float range)."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
 def _progress_from_trainer_state(ts: Any, step: int) -> tuple[dict[str, Any], list[str]]:
     notes = []
     progress: dict[str, Any] = {"step": step}
@@ -378,14 +444,23 @@ def _progress_from_trainer_state(ts: Any, step: int) -> tuple[dict[str, Any], li
         progress["global_step"] = gs
         if gs != step:
             notes.append(f"trainer_state.json says global_step {gs}, the folder says {step}")
-    if isinstance(ts.get("epoch"), (int, float)):
-        progress["epoch"] = float(ts["epoch"])
+    epoch = _float(ts.get("epoch"))
+    if epoch is not None:
+        progress["epoch"] = epoch
     history = ts.get("log_history")
     if isinstance(history, list):
-        progress["loss_history"] = [[e.get("step"), float(e["loss"])] for e in history
-                                    if isinstance(e, dict) and isinstance(e.get("loss"), (int, float))]
+        progress["loss_history"] = [[e.get("step") if type(e.get("step")) is int else None, loss]
+                                    for e in history if isinstance(e, dict)
+                                    and (loss := _float(e.get("loss"))) is not None]
     progress["trainer_state"] = ts
     return progress, notes
+
+
+def _text(path: Path) -> str:
+    try:
+        return read_file(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnsafeFileError(f"{path.name}: not UTF-8 text ({e})") from None
 
 
 def _load_model_files(ckpt: LegacyCheckpoint) -> dict[str, Any]:
@@ -460,6 +535,7 @@ def load_state(ckpt: LegacyCheckpoint, seed: int,
                                  f"(one {kind} per state mapping)")
         if "progress" in comps:
             ts = read_json(ckpt.path / "trainer_state.json")
+            check_trainer_state(ts)
             state["progress"], more = _progress_from_trainer_state(ts, step)
             notes += more
             meta["progress"] = ItemEntry("progress", f"{src}/trainer_state.json")
@@ -468,10 +544,10 @@ def load_state(ckpt: LegacyCheckpoint, seed: int,
             meta["progress"] = ItemEntry("progress", "step from the folder name", reconstructed=True)
             notes.append(f"training state: step {step} from the name; epoch and loss history are lost")
         if "config" in comps:
-            state["config"] = {n: (ckpt.path / n).read_text(encoding="utf-8") for n in comps["config"]}
+            state["config"] = {n: _text(ckpt.path / n) for n in comps["config"]}
             meta["config"] = ItemEntry("config", f"{src}/{', '.join(comps['config'])}")
         if "tokenizer" in comps:
-            state["tokenizer"] = {n: (ckpt.path / n).read_bytes() for n in comps["tokenizer"]}
+            state["tokenizer"] = {n: read_file(ckpt.path / n) for n in comps["tokenizer"]}
             meta["tokenizer"] = ItemEntry("tokenizer", f"{src} tokenizer files")
         for name in comps.get("other", []):
             state.setdefault("extra", {})[name] = safe_torch_load(ckpt.path / name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 from typing import Any, TextIO
 
 from .progress import human_bytes
@@ -45,21 +46,35 @@ def symbols_for(stream: TextIO, plain: bool = False) -> Symbols:
     return EMOJI
 
 
+def _finite(node: Any) -> Any:
+    """The document with every non-finite float as a string: RFC 8259 has no NaN/Infinity."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return str(node)
+    if isinstance(node, dict):
+        return {k: _finite(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_finite(v) for v in node]
+    return node
+
+
 def to_json(result: Any) -> str:
-    """One JSON document: the report dataclass as a dict, plus ``exit_code``."""
+    """One JSON document (strict RFC 8259): the report dataclass as a dict, plus ``exit_code``."""
     doc = dataclasses.asdict(result)
     doc["kind"] = "root" if "steps" in doc else "step"
     doc["exit_code"] = result.exit_code
     if doc["kind"] == "root":
         for d, r in zip(doc["steps"], result.steps):
             d["exit_code"] = r.exit_code
-    return json.dumps(doc, indent=2, default=str)
+    return json.dumps(_finite(doc), indent=2, default=str, allow_nan=False)
 
 
 def _when(ts: float | None) -> str:
     if ts is None:
         return "?"
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts!r} (not a representable date)"
 
 
 def _component_line(c: Any, rep: Any, sym: Symbols) -> str:
@@ -91,7 +106,7 @@ def render_step(rep: Any, out: TextIO, *, verbose: bool = False, sym: Symbols = 
     elif rep.layout not in ("leftover", "unknown"):
         head += f"  ({rep.layout}, {rep.files} file{'s' * (rep.files != 1)}, {human_bytes(rep.total_bytes)})"
     w(head)
-    if rep.layout in ("leftover", "unknown"):
+    if rep.layout in ("leftover", "unknown") or rep.deleted:
         w(f"  {rep.verdict} {sym.dash} {rep.reason}")
         for f in rep.fixable:
             w(f"  fix would: {f}")
@@ -167,9 +182,15 @@ def render_root(rep: Any, out: TextIO, *, verbose: bool = False, sym: Symbols = 
     out.write("\n")
     for n in rep.notes:
         out.write(f"note: {n}\n")
+    for p in rep.passed_over:
+        out.write(f"WARNING: restore passes over newer step {p.step} ({p.name}): {p.reason}\n")
+    skipped = ""
+    if rep.passed_over:
+        listed = ", ".join(f"{p.step} ({p.verdict})" for p in rep.passed_over)
+        skipped = f" (passes over newer step{'s' * (len(rep.passed_over) != 1)} {listed})"
     out.write(f"{rep.verdict} {sym.dash} " + (
         f"step {rep.restore_step}: {HEADLINES.get(rep.verdict, '')}" if rep.restore_step is not None
-        else HEADLINES.get(rep.verdict, "")) + "\n")
+        else HEADLINES.get(rep.verdict, "")) + skipped + "\n")
 
 
 def render(result: Any, out: TextIO, *, verbose: bool = False, plain: bool = False) -> None:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from ..errors import CheckpointError
 from ..format import names
 from ..format.manifest import ItemEntry, Manifest
 from ..storage import is_url, open_root
@@ -140,6 +141,7 @@ class StepReport:
     findings: list[Finding] = field(default_factory=list)  # the same, typed, for fix
     crc_checked: bool = False
     deep: bool = False              # zstd frames decoded and raw crc32c checked too
+    deleted: bool = False           # vanished while being checked (rotation), not damaged
     files: int = 0
     chunks: int = 0
     total_bytes: int = 0
@@ -164,6 +166,16 @@ class StepReport:
 
 
 @dataclass
+class PassedOver:
+    """A final-named step newer than the one restore would pick, and why restore skips it."""
+
+    step: int
+    name: str
+    verdict: str
+    reason: str
+
+
+@dataclass
 class RootReport:
     path: str
     verdict: str
@@ -171,6 +183,7 @@ class RootReport:
     restore_step: int | None
     quarantined: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    passed_over: list[PassedOver] = field(default_factory=list)   # newest first
 
     @property
     def exit_code(self) -> int:
@@ -337,19 +350,48 @@ def _check_ours(storage: Storage, root: str, name: str, *, quick: bool = False,
     else:
         rep.verdict = _completeness(rep)
     if final_name and only_marker and marker is not MarkerState.OK:
-        if rep.crc_checked:
+        if not status.manifest_proven:
+            rep.notes.append("the manifest carries no self digest (written by an older version): it cannot "
+                             "be proven intact, so fix will not write a commit marker for it")
+        elif rep.crc_checked:
             rep.can_fix(Repair.REWRITE_MARKER,
-                        "write a new commit marker: the manifest is valid and every chunk verifies")
+                        "write a new commit marker: the manifest is valid, proves itself intact "
+                        "(self digest) and every chunk verifies")
         else:
             rep.notes.append("run without --quick to learn whether fix can commit it (every chunk must verify)")
     if final_name and rep.verdict in (COMPLETE, PARTIAL):
         for c in rep.components:
             if not c.present and c.kind in ("rng", "progress"):
                 rep.can_fix(Repair.ADD_RECONSTRUCTED, f"add {c.name} (reconstructed)", (c.kind,))
-    if final_name and rep.verdict == CORRUPT and not only_marker:
+    if final_name and rep.verdict == CORRUPT and rep.finding(Repair.REWRITE_MARKER) is None:
         rep.can_fix(Repair.QUARANTINE, "quarantine it (fix --quarantine), so restore skips it")
+    if rep.verdict != COMPLETE and _vanished(storage, root, name, location, marker):
+        _deleted_while_checking(rep)
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def _vanished(storage: Storage, root: str, name: str, location: str, marker: MarkerState) -> bool:
+    """The step went away while it was being checked: its name is gone (rename-based
+    rotation hides a step before removing it) or its marker is (marker-last rotation
+    removes the marker first)."""
+    info = storage.stat(root, name)
+    if info is None or info.kind != "location":
+        return True
+    return marker is MarkerState.OK and storage.stat(location, names.COMMIT_NAME) is None
+
+
+def _deleted_while_checking(rep: StepReport) -> None:
+    rep.deleted = True
+    rep.verdict = UNCOMMITTED
+    rep.committed = False
+    rep.reason = "deleted while checking (rotation): a running manager removed it; not damage"
+    rep.problems.clear()
+    rep.bad_chunks.clear()
+    rep.missing.clear()
+    rep.components = []
+    rep.findings.clear()
+    rep.fixable.clear()
 
 
 def _check_manifest_files(rep: StepReport, storage: Storage, location: str, manifest: Manifest, quick: bool,
@@ -496,7 +538,10 @@ def check_legacy(ckpt: legacy.LegacyCheckpoint, *, quick: bool = False) -> StepR
         if c.present and all(n in bad_files for n in c.items):
             c.present = False
     rep.verdict = CORRUPT if rep.problems else _completeness(rep)
-    if rep.verdict != CORRUPT:
+    if rep.step is not None and rep.step > names.MAX_STEP:
+        rep.notes.append(f"its step {rep.step} exceeds the largest step the format allows ({names.MAX_STEP}): "
+                         "fix cannot convert it")
+    elif rep.verdict != CORRUPT:
         rep.can_fix(Repair.CONVERT, "convert it into the committed layout")
     rep.seconds = time.perf_counter() - t0
     return rep
@@ -505,6 +550,18 @@ def check_legacy(ckpt: legacy.LegacyCheckpoint, *, quick: bool = False) -> StepR
 # ----------------------------------------------------------------------------- entry points
 
 Target = Union[Path, str]
+
+
+def why(rep: StepReport) -> str:
+    """One line: the verdict of a step and its first reason."""
+    if rep.problems:
+        return f"{rep.verdict}: {rep.problems[0]}"
+    if rep.bad_chunks:
+        n = len(rep.bad_chunks)
+        return f"{rep.verdict}: {n} bad chunk{'s' * (n != 1)}"
+    if rep.layout in legacy.LAYOUT_NAMES:
+        return f"{rep.verdict}: a legacy layout ({legacy.LAYOUT_NAMES[rep.layout]}); fix converts it"
+    return f"{rep.verdict}: {rep.reason}" if rep.reason else rep.verdict
 
 
 def _is_ours(path: Path) -> bool:
@@ -533,7 +590,26 @@ def _check_in_store(storage: Storage, root: str, name: str, *, quick: bool, show
 
 def check_step(path: Target, *, quick: bool = False, threads: int | None = None,
                show_progress: bool | None = None, deep: bool = False) -> StepReport:
-    """Judge one step directory (a path or a storage URL) or legacy checkpoint (file or folder)."""
+    """Judge one step directory (a path or a storage URL) or legacy checkpoint (file or folder).
+
+    Never raises for what it finds: an unreadable or hostile input is a CORRUPT report whose
+    problems say why, a step that vanishes meanwhile is reported as deleted (rotation)."""
+    try:
+        return _check_step(path, quick=quick, threads=threads, show_progress=show_progress, deep=deep)
+    except (CheckpointError, OSError, ValueError) as e:   # ValueError: FormatError's other base
+        where = str(path)
+        name = where.rstrip("/").rpartition("/")[2]
+        rep = StepReport(where, name, names.step_of_any(name), OURS, CORRUPT)
+        if not is_url(path) and not os.path.lexists(path):
+            rep.verdict = NOT_A_CHECKPOINT
+            rep.reason = f"{where} does not exist"
+            return rep
+        rep.problems.append(f"cannot be checked: {type(e).__name__}: {e}")
+        return rep
+
+
+def _check_step(path: Target, *, quick: bool, threads: int | None, show_progress: bool | None,
+                deep: bool) -> StepReport:
     if is_url(path):
         storage, location = open_root(path)
         root, name = _split(storage, location)
@@ -596,15 +672,26 @@ def check_root(root: Target, *, quick: bool = False, threads: int | None = None,
     if step is not None:
         entries = [x for x in entries if x[0] == step]
     entries.sort(key=lambda x: (-x[0], -x[1], x[2]))
-    if local:
-        steps = [check_step(Path(location) / n, quick=quick, threads=threads, show_progress=show_progress,
-                            deep=deep) for _, _, n in entries]
-    else:
-        steps = [_check_in_store(storage, location, n, quick=quick, show_progress=show_progress, deep=deep)
-                 for _, _, n in entries]
+    steps = []
+    for _, _, n in entries:
+        if local:
+            r = check_step(Path(location) / n, quick=quick, threads=threads, show_progress=show_progress,
+                           deep=deep)
+        else:
+            r = _check_in_store(storage, location, n, quick=quick, show_progress=show_progress, deep=deep)
+        if r.verdict == NOT_A_CHECKPOINT and storage.stat(location, n) is None:
+            r = StepReport(r.path, n, names.step_of_any(n), "leftover" if names.parse_tmp_dir(n) is not None
+                           else OURS, UNCOMMITTED)
+            _deleted_while_checking(r)
+        steps.append(r)
     committed = [r.step for r in steps if r.committed and r.step is not None]
     restore_step = max(committed) if committed else None
     rep = RootReport(str(root), NOT_A_CHECKPOINT, steps, restore_step, quarantined)
+    # Every final-named step newer than the pick: restore passes over it, which must never be silent.
+    for r in steps:
+        if (r.step is not None and (restore_step is None or r.step > restore_step) and not r.deleted
+                and not r.committed and r.layout != "leftover" and names.parse_step_dir(r.name) is not None):
+            rep.passed_over.append(PassedOver(r.step, r.name, r.verdict, why(r)))
     if restore_step is not None:
         pick = next(r for r in steps if r.committed and r.step == restore_step)
         rep.verdict = pick.verdict
@@ -618,6 +705,9 @@ def check_root(root: Target, *, quick: bool = False, threads: int | None = None,
             rep.notes.append("no step in the committed layout yet: run fix to convert the legacy ones")
         elif steps:
             rep.verdict = CORRUPT if any(r.verdict == CORRUPT for r in steps) else UNCOMMITTED
+    deleted = [r.name for r in steps if r.deleted]
+    if deleted:
+        rep.notes.append(f"deleted while checking (rotation by a running manager): {', '.join(deleted)}")
     leftovers = [r for r in steps if r.layout == "leftover"]
     if leftovers:
         rep.notes.append(f"{len(leftovers)} leftover(s) of crashed saves: fix removes them")
@@ -658,8 +748,7 @@ the same way; `python -m async_ckpt.fix PATH` converts them.
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2, which means CORRUPT here
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")   # one line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -675,26 +764,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the crc pass: marker, manifest and file sizes only")
     p.add_argument("--deep", action="store_true",
                    help="also decode every zstd frame and check the decoded bytes' crc (CPU-bound)")
-    p.add_argument("--step", type=int, help="in a root, verify only this step")
+    p.add_argument("--step", type=non_negative_int, help="in a root, verify only this step")
     p.add_argument("--plain", action="store_true", help="ASCII [ok]/[missing] instead of emoji")
-    p.add_argument("--threads", type=int, default=None, help="reader threads (default: %(default)s = auto)")
+    p.add_argument("--threads", type=positive_int, default=None, help="reader threads, 1 to 1024 (default: auto)")
     return p
+
+
+def _int_arg(text: str, lo: int, hi: int) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"{value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int_arg(text, 1, 1024)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_arg(text, 0, names.MAX_STEP)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     from . import report
 
     args = build_parser().parse_args(None if argv is None else list(argv))
-    if args.step is not None and args.step < 0:
-        build_parser().error("--step must be >= 0")
+    if args.quick and args.deep:
+        build_parser().error("--quick and --deep contradict each other")
     try:
-        if args.quick and args.deep:
-            build_parser().error("--quick and --deep contradict each other")
-        result = check_path(args.path if is_url(args.path) else Path(args.path), quick=args.quick, threads=args.threads, step=args.step,
-                            deep=args.deep)
+        result = check_path(args.path if is_url(args.path) else Path(args.path), quick=args.quick,
+                            threads=args.threads, step=args.step, deep=args.deep)
     except ImportError as e:
         print(f"verify: the native extension is unavailable ({e}); --quick checks without it",
               file=sys.stderr)
+        return EXIT_CODES[CORRUPT]
+    except (CheckpointError, OSError, ValueError) as e:   # a root that cannot even be listed
+        print(f"verify: {args.path}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_CODES[CORRUPT]
     if args.json:
         print(report.to_json(result))
