@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import sys
 import threading
 import time
 import warnings
@@ -41,6 +42,7 @@ from .pipeline.saving import CommitInfo, save_one_rank
 from .pipeline.snapshot import Snapshot, StagingPool, copy_into
 from .rotation import steps_to_delete
 from .storage import Storage, open_root, policy_for
+from .storage.commit import MarkerState
 from .storage.native_files import NativeStorage
 
 
@@ -87,6 +89,15 @@ class SaveHandle:
             raise
         return SaveResult(info.step, self._manager._display(info.location), info.raw_bytes, info.stored_bytes,
                           self.stall_seconds, finished - self._started, info.reused_bytes)
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel for the first frame outside this package (the user's call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class CheckpointManager:
@@ -139,9 +150,17 @@ class CheckpointManager:
     # ------------------------------------------------------------------ listing
 
     def reload(self) -> None:
-        """Re-read the committed steps from disk (after another process changed them)."""
-        committed = {step: dict(status.manifest.metrics) for step, status in self._commit.committed().items()
-                     if status.manifest is not None}
+        """Re-read the committed steps from disk (after another process changed them).
+
+        Without ``best_metric`` this reads only each step's marker and streams its manifest
+        through SHA-256 (nothing is parsed); with it, manifests are parsed for their metrics.
+        A step that turns out invalid when read is passed over by ``restore`` with a warning.
+        A damaged step never stops this: it is simply not listed."""
+        if self.options.best_metric is None:
+            committed: dict[int, dict[str, float]] = {step: {} for step in self._commit.bound_steps()}
+        else:
+            committed = {step: dict(status.manifest.metrics) for step, status in self._commit.committed().items()
+                         if status.manifest is not None}
         with self._state_lock:
             self._committed = committed
             newest = max(committed, default=None)
@@ -436,11 +455,31 @@ class CheckpointManager:
     # ------------------------------------------------------------------ restoring
 
     def _resolve_step(self, step: Optional[int]) -> Optional[tuple[int, Manifest, str]]:
+        """The step to read, its validated manifest and location. With ``step`` None: the newest
+        committed step, warning (RuntimeWarning) about every newer final-named step passed over
+        and why, so that falling back to an older step is never silent."""
         if step is None:
             self.reload()
-            step = self.latest_step()
-            if step is None:
-                return None
+            with self._state_lock:
+                in_flight = self._last_step if self._pending else None
+            passed: list[str] = []
+            found = None
+            for candidate, name in reversed(self._commit.step_names()):
+                status = self._commit.status(name)
+                if status.committed and status.manifest is not None:
+                    found = (candidate, status.manifest, self._commit.where(name))
+                    break
+                with self._state_lock:
+                    self._committed.pop(candidate, None)
+                if in_flight is not None and candidate <= in_flight and status.marker is MarkerState.MISSING:
+                    continue    # this manager's own save, still being written (marker-last stores)
+                passed.append(f"checkpoint-{candidate} ({status.reason or 'not committed'})")
+            if passed:
+                picked = f"restoring step {found[0]}" if found else "no committed step is left to restore"
+                warnings.warn(f"async_ckpt: {self.directory}: passed over newer step(s) that are not committed "
+                              f"or are corrupt: {'; '.join(passed)}; {picked}. Run `python -m async_ckpt.verify "
+                              f"{self.directory}` for details.", RuntimeWarning, stacklevel=_caller_level())
+            return found
         status = self._commit.status_of_step(step)
         if not status.committed or status.manifest is None:
             raise NotCommittedError(f"step {step} in {self.directory} is not committed: {status.reason}")
