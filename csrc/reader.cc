@@ -9,6 +9,7 @@
 #include <new>
 
 #include "crc32c.h"
+#include "crc32c_math.h"
 #include "errors.h"
 #include "file_io.h"
 #include "shuffle.h"
@@ -36,8 +37,104 @@ struct OpenFile {
   std::string error;  // collect_errors: why the open failed
 };
 
+constexpr size_t kStreamSlice = size_t(1) << 20;  // decoded bytes per piece without a destination
+
 struct Scratch {
-  Buf stored, decoded, unshuffled, bounce;
+  Buf stored, decoded, bounce, slice;
+};
+
+// crc32c of decoded bytes that arrive in pieces (no destination: verify --deep).
+class CrcSink : public zstd::Sink {
+ public:
+  void put(const char* p, size_t n) override { crc_ = crc32c(crc_, p, n); }
+  uint32_t crc() const { return crc_; }
+
+ private:
+  uint32_t crc_ = 0;
+};
+
+// crc32c of the *unshuffled* bytes, fed the shuffled stream piece by piece (FORMAT.md
+// section 3: byte 0 of every element, then byte 1 of every element, ..., then a tail of
+// len % elem bytes as is). Linear algebra instead of a buffer (csrc/crc32c_math.h): plane k
+// is the message whose only non-zero bytes are byte k of each element, so the chunk's raw
+// state is the xor of each plane's strided raw state, shifted by what follows the plane's
+// last byte, and of the tail's. Memory: a few words, whatever the chunk's size.
+class UnshuffleCrcSink : public zstd::Sink {
+ public:
+  UnshuffleCrcSink(uint64_t len, unsigned elem) : len_(len), elem_(elem), n_(len / elem) {
+    static const Tables tables;
+    t_ = &tables;
+  }
+
+  void put(const char* p, size_t n) override {
+    const auto* b = reinterpret_cast<const unsigned char*>(p);
+    while (n) {
+      if (pos_ >= n_ * elem_) {  // the tail: plain bytes
+        tail_ = crcmath::raw_update(tail_, b, n, t_->slice);
+        pos_ += n;
+        return;
+      }
+      const uint64_t plane = pos_ / n_, i = pos_ % n_;
+      const size_t take = static_cast<size_t>(std::min<uint64_t>(n, n_ - i));
+      feed_plane(b, take, i);
+      b += take;
+      n -= take;
+      pos_ += take;
+      if (i + take == n_) {  // plane complete: what follows its last byte is (elem-1-k) + tail
+        acc_ ^= crcmath::shift(plane_, elem_ - 1 - plane + (len_ - n_ * elem_), t_->powers);
+        plane_ = 0;
+      }
+    }
+  }
+
+  uint32_t crc() const {
+    return crcmath::finalize(acc_ ^ tail_, len_, t_->powers);
+  }
+
+ private:
+  struct Tables {
+    uint32_t slice[8][256];
+    uint32_t powers[crcmath::kPowers];
+    Tables() {
+      crcmath::make_slices(slice);
+      crcmath::make_powers(powers);
+    }
+  };
+
+  static uint32_t byte(uint32_t c, unsigned char v, const uint32_t (*slice)[256]) {
+    return slice[0][(c ^ v) & 0xff] ^ (c >> 8);
+  }
+
+  // Plane bytes i.. of the current plane: b_0, then (elem-1 zeros, b) for each next byte.
+  void feed_plane(const unsigned char* b, size_t count, uint64_t i) {
+    const uint32_t(*slice)[256] = t_->slice;
+    uint32_t c = plane_;
+    size_t k = 0;
+    if (i == 0 && count) c = byte(c, b[k++], slice);  // the plane's first byte has no gap before it
+    // 8 message bytes per step: 8/elem plane bytes, each after elem-1 zeros.
+    const unsigned per = 8 / elem_;
+    for (; count - k >= per; k += per) {
+      uint64_t v = c;
+      for (unsigned j = 0; j < per; ++j) v ^= uint64_t(b[k + j]) << (8 * ((j + 1) * elem_ - 1));
+      c = slice[7][v & 0xff] ^ slice[6][(v >> 8) & 0xff] ^ slice[5][(v >> 16) & 0xff] ^
+          slice[4][(v >> 24) & 0xff] ^ slice[3][(v >> 32) & 0xff] ^ slice[2][(v >> 40) & 0xff] ^
+          slice[1][(v >> 48) & 0xff] ^ slice[0][v >> 56];
+    }
+    for (; k < count; ++k) {
+      for (unsigned z = 1; z < elem_; ++z) c = byte(c, 0, slice);
+      c = byte(c, b[k], slice);
+    }
+    plane_ = c;
+  }
+
+  const Tables* t_;
+  uint64_t len_;
+  unsigned elem_;
+  uint64_t n_;          // elements (bytes per plane)
+  uint64_t pos_ = 0;    // bytes of the shuffled stream seen
+  uint32_t plane_ = 0;  // raw state of the current plane so far
+  uint32_t acc_ = 0;    // xor of finished planes' contributions
+  uint32_t tail_ = 0;   // raw state of the tail
 };
 
 std::string hex(uint32_t v) {
@@ -138,13 +235,38 @@ void read_job(const std::vector<std::string>& paths, const std::vector<OpenFile>
   const uint32_t c = crc32c(0, stored, r.length);
   if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
 
-  // raw_length is bounded by dst (or the 2 GiB cap when verifying) and the frame must
-  // declare exactly raw_length before anything is allocated or decoded.
+  if (!j.dst) {
+    // No destination (verify --deep): stream the frame through a fixed slice and checksum
+    // it on the fly, so memory never depends on what the frame declares.
+    uint32_t rc;
+    try {
+      char* slice = s.slice.ensure(kStreamSlice);
+      if (r.shuffle) {
+        UnshuffleCrcSink sink(r.raw_length, static_cast<unsigned>(r.shuffle));
+        zstd::decompress_stream(stored, r.length, r.raw_length, slice, kStreamSlice, sink);
+        rc = sink.crc();
+      } else {
+        CrcSink sink;
+        zstd::decompress_stream(stored, r.length, r.raw_length, slice, kStreamSlice, sink);
+        rc = sink.crc();
+      }
+    } catch (const FormatError& e) {
+      throw FormatError(where + ": " + e.what());
+    } catch (const CodecError& e) {
+      throw CodecError(where + ": " + e.what());
+    }
+    if (rc != r.raw_crc32c) throw mismatch("decoded bytes", r.raw_crc32c, rc);
+    return;
+  }
+
+  // With a destination, raw_length is at most the destination's size (checked above) and the
+  // frame must declare exactly raw_length before anything is allocated or decoded: decoding
+  // uses the destination itself, plus one raw_length scratch when unshuffling.
   char* out = nullptr;
-  char* final_out = j.dst ? static_cast<char*>(j.dst) : nullptr;
+  char* final_out = static_cast<char*>(j.dst);
   try {
     zstd::check_frame(stored, r.length, r.raw_length);  // before allocating scratch
-    char* decoded = (r.shuffle || !final_out) ? s.decoded.ensure(r.raw_length) : final_out;
+    char* decoded = r.shuffle ? s.decoded.ensure(r.raw_length) : final_out;
     zstd::decompress(stored, r.length, decoded, r.raw_length);
     out = decoded;
   } catch (const FormatError& e) {
@@ -154,7 +276,7 @@ void read_job(const std::vector<std::string>& paths, const std::vector<OpenFile>
   }
   if (r.shuffle) {
     char* decoded = out;
-    out = final_out ? final_out : s.unshuffled.ensure(r.raw_length);
+    out = final_out;
     unshuffle(decoded, out, r.raw_length, static_cast<size_t>(r.shuffle));
   }
   const uint32_t rc = crc32c(0, out, r.raw_length);

@@ -21,6 +21,19 @@ constexpr int kDWindowLogMax = 100;       // ZSTD_d_windowLogMax
 constexpr unsigned long long kContentSizeUnknown = ~0ULL;       // ZSTD_CONTENTSIZE_UNKNOWN
 constexpr unsigned long long kContentSizeError = ~0ULL - 1;     // ZSTD_CONTENTSIZE_ERROR
 constexpr int kErrorDstSizeTooSmall = 70;                        // ZSTD_error_dstSize_tooSmall
+constexpr int kErrorWindowTooLarge = 16;      // ZSTD_error_frameParameter_windowTooLarge
+constexpr int kResetSessionOnly = 1;          // ZSTD_reset_session_only
+
+struct InBuffer {   // ZSTD_inBuffer
+  const void* src;
+  size_t size;
+  size_t pos;
+};
+struct OutBuffer {  // ZSTD_outBuffer
+  void* dst;
+  size_t size;
+  size_t pos;
+};
 
 struct Api {
   std::string path;
@@ -39,6 +52,8 @@ struct Api {
   size_t (*decompressDCtx)(ZDCtx*, void*, size_t, const void*, size_t);
   unsigned long long (*getFrameContentSize)(const void*, size_t);
   size_t (*findFrameCompressedSize)(const void*, size_t);
+  size_t (*DCtx_reset)(ZDCtx*, int);
+  size_t (*decompressStream)(ZDCtx*, OutBuffer*, InBuffer*);
 };
 
 std::atomic<const Api*> g_api{nullptr};
@@ -64,10 +79,12 @@ void sym(void* h, const char* name, F& out, const std::string& path) {
 struct Contexts {
   ZCCtx* c = nullptr;
   ZDCtx* d = nullptr;
+  ZDCtx* s = nullptr;  // streaming, window capped at 2^kMaxWindowLog
   ~Contexts() {
     const Api* a = g_api.load(std::memory_order_acquire);
     if (a && c) a->freeCCtx(c);
     if (a && d) a->freeDCtx(d);
+    if (a && s) a->freeDCtx(s);
   }
 };
 thread_local Contexts t_ctx;
@@ -103,6 +120,8 @@ std::string load(const std::string& path_in) {
     sym(h, "ZSTD_decompressDCtx", a->decompressDCtx, path);
     sym(h, "ZSTD_getFrameContentSize", a->getFrameContentSize, path);
     sym(h, "ZSTD_findFrameCompressedSize", a->findFrameCompressedSize, path);
+    sym(h, "ZSTD_DCtx_reset", a->DCtx_reset, path);
+    sym(h, "ZSTD_decompressStream", a->decompressStream, path);
     if (a->versionNumber() < 10400)
       throw CodecError("zstd library '" + path + "' is older than 1.4.0");
   } catch (...) {
@@ -178,6 +197,44 @@ void decompress(const void* src, size_t len, void* dst, size_t dst_len) {
   if (r != dst_len)
     throw FormatError("zstd frame decoded to " + std::to_string(r) + " bytes, expected " +
                       std::to_string(dst_len));
+}
+
+void decompress_stream(const void* src, size_t len, size_t expected, char* slice, size_t slice_len,
+                       Sink& sink) {
+  const Api& a = api();
+  check_frame(src, len, expected);
+  if (!t_ctx.s) {
+    t_ctx.s = a.createDCtx();
+    if (!t_ctx.s) throw CodecError("ZSTD_createDCtx failed (out of memory)");
+    const size_t r = a.DCtx_setParameter(t_ctx.s, kDWindowLogMax, kMaxWindowLog);
+    if (a.isError(r)) throw CodecError("zstd parameter rejected: " + err_name(a, r));
+  }
+  ZDCtx* d = t_ctx.s;
+  a.DCtx_reset(d, kResetSessionOnly);  // a previous frame may have failed half-way
+  InBuffer in{src, len, 0};
+  size_t total = 0;
+  for (;;) {
+    OutBuffer out{slice, slice_len, 0};
+    const size_t r = a.decompressStream(d, &out, &in);
+    if (a.isError(r)) {
+      if (a.getErrorCode(r) == kErrorWindowTooLarge)
+        throw FormatError("zstd frame needs a window over " + std::to_string(size_t(1) << kMaxWindowLog) +
+                          " bytes (more than any writer of the format uses)");
+      throw CodecError("zstd decompression failed: " + err_name(a, r));
+    }
+    if (out.pos) {
+      if (out.pos > expected - total)
+        throw FormatError("zstd frame decodes to more than " + std::to_string(expected) + " bytes");
+      total += out.pos;
+      sink.put(slice, out.pos);
+    }
+    if (r == 0) break;  // the frame is complete and flushed
+    if (in.pos == in.size && out.pos < out.size)
+      throw FormatError("zstd frame ends early (truncated)");
+  }
+  if (total != expected)
+    throw FormatError("zstd frame decoded to " + std::to_string(total) + " bytes, expected " +
+                      std::to_string(expected));
 }
 
 }  // namespace zstd

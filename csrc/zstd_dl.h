@@ -34,5 +34,23 @@ void check_frame(const void* src, size_t len, size_t expected);
 // corrupt frame, FormatError when the decoded size differs).
 void decompress(const void* src, size_t len, void* dst, size_t dst_len);
 
+// The largest window a streamed frame may use (docs/FORMAT.md section 3): zstd's default
+// decoder limit, and more than any level of the writer asks for (level 22: 2^27).
+constexpr int kMaxWindowLog = 27;
+
+// Receives decoded bytes in order, at most the slice size at a time.
+class Sink {
+ public:
+  virtual ~Sink() = default;
+  virtual void put(const char* p, size_t n) = 0;
+};
+
+// Like decompress, without a destination: the frame is decoded through `slice` (slice_len
+// bytes, the caller's) and handed to `sink` piece by piece. Memory is the decoder's window
+// (at most 2^kMaxWindowLog bytes; a frame asking for more is a FormatError) plus the slice,
+// whatever the frame declares.
+void decompress_stream(const void* src, size_t len, size_t expected, char* slice, size_t slice_len,
+                       Sink& sink);
+
 }  // namespace zstd
 }  // namespace ackpt
