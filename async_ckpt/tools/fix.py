@@ -9,8 +9,9 @@ What it does, per entry of the root (or the one PATH):
 
 * leftovers of crashed saves (``.checkpoint-N.tmp-*``, final-named folders with neither
   manifest nor marker, its own ``.fix-*`` scratch folders): moved to the backup / removed;
-* a missing or mismatched ``COMMIT`` marker: rewritten, only when the manifest is valid
-  and every chunk verifies;
+* a missing or damaged ``COMMIT`` marker: rewritten, only when the manifest is valid,
+  proves itself intact (its ``self_sha256``, FORMAT.md section 2.3) and every chunk
+  verifies; a manifest that is damaged or carries no self digest is never re-signed;
 * a committed step without RNG or training state: rewritten with RNG derived from
   (``--seed``, step) and ``{"step": N}``, both marked *reconstructed*;
 * legacy layouts (Hugging Face Trainer, Accelerate, one ``torch.save`` file): converted

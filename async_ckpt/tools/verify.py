@@ -78,7 +78,7 @@ class Repair(str, enum.Enum):
     """What fix may do about a finding."""
 
     REMOVE_LEFTOVER = "remove_leftover"        # a crashed save's leftover
-    REWRITE_MARKER = "rewrite_marker"          # marker missing or damaged, manifest and chunks intact
+    REWRITE_MARKER = "rewrite_marker"          # marker missing or damaged; manifest proven intact, chunks too
     ADD_RECONSTRUCTED = "add_reconstructed"    # RNG / training state missing: derive them
     QUARANTINE = "quarantine"                  # corrupt: set aside so restore skips it
     CONVERT = "convert"                        # a legacy layout: convert into ours
