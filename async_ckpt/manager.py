@@ -114,12 +114,14 @@ class CheckpointManager:
         o = self.options
         if storage is None:
             storage, root = open_root(directory, lambda: NativeStorage(
-                o.io_threads, o.compression, o.compression_level, o.fsync, o.frozen_max_shared))
+                o.io_threads, o.compression, o.compression_level, o.fsync, o.frozen_max_shared),
+                compression=o.compression, level=o.compression_level, io_threads=o.io_threads)
         else:
             root = os.fspath(directory)
         self._storage = storage
         self._local = isinstance(storage, NativeStorage)
-        self.directory: Union[Path, str] = Path(root) if self._local else os.fspath(directory)
+        self.directory: Union[Path, str] = (Path(root) if self._local else storage.describe(root)
+                                            if isinstance(directory, dict) else os.fspath(directory))
         try:
             storage.create_location(root)
         except FileExistsError:

@@ -1,9 +1,10 @@
 """The storage contract: every backend and both commit policies pass the same tests.
 
-Backends: the native files backend (local directories) and the in-memory store (the model
-of an object store). Policies: rename-based commit and marker-last commit. Each test runs
-on every (backend, policy) pair the backend supports; the manager-level tests run on both
-backends through ``CheckpointManager`` itself.
+Backends: the native files backend (local directories), the in-memory store (the model
+of an object store), and the TensorStore kvstore backend on TensorStore's memory driver,
+its file driver and S3 (a moto server on 127.0.0.1, tests/s3_server.py). Policies:
+rename-based commit and marker-last commit. Each test runs on every (backend, policy) pair
+the backend supports; the manager-level tests run through ``CheckpointManager`` itself.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from async_ckpt.storage.base import ReadRequest
 from async_ckpt.storage.commit import MarkerLastCommit, MarkerState, RenameCommit
 from async_ckpt.storage.memory import MemoryStorage
 from async_ckpt.storage.native_files import NativeStorage
+from s3_server import s3_server  # noqa: F401 - the session's S3 server fixture
 
 _counter = itertools.count()
 
@@ -37,15 +39,39 @@ def memory_root(tmp_path):
     return MemoryStorage(compression="zstd"), f"run{next(_counter)}"
 
 
-BACKENDS = {"native": native_root, "memory": memory_root}
-CASES = [("native", RenameCommit), ("native", MarkerLastCommit), ("memory", MarkerLastCommit)]
+def kv_memory_root(tmp_path):
+    from async_ckpt.storage.kvstore import open_spec
+    return open_spec({"driver": "memory", "path": f"run{next(_counter)}"}, compression="zstd", io_threads=2,
+                     object_bytes=4096)
+
+
+def kv_file_root(tmp_path):
+    from async_ckpt.storage.kvstore import open_spec
+    return open_spec({"driver": "file", "path": str(tmp_path / "ts")}, compression="zstd", io_threads=2,
+                     object_bytes=4096)
+
+
+def kv_s3_root(tmp_path, server):
+    from async_ckpt.storage import open_root
+    return open_root(f"s3://{server.new_bucket()}/run", compression="zstd", io_threads=2)
+
+
+BACKENDS = {"native": native_root, "memory": memory_root, "ts-memory": kv_memory_root, "ts-file": kv_file_root,
+            "s3": kv_s3_root}
+CASES = [("native", RenameCommit), ("native", MarkerLastCommit), ("memory", MarkerLastCommit),
+         ("ts-memory", MarkerLastCommit), ("ts-file", MarkerLastCommit), ("s3", MarkerLastCommit)]
 IDS = [f"{b}-{p.__name__}" for b, p in CASES]
 
 
 @pytest.fixture(params=CASES, ids=IDS)
 def store(request, tmp_path):
     backend, policy_cls = request.param
-    storage, root = BACKENDS[backend](tmp_path)
+    if backend.startswith("ts-") or backend == "s3":
+        pytest.importorskip("tensorstore")
+    if backend == "s3":
+        storage, root = kv_s3_root(tmp_path, request.getfixturevalue("s3_server"))
+    else:
+        storage, root = BACKENDS[backend](tmp_path)
     try:
         storage.create_location(root)
     except FileExistsError:
@@ -264,11 +290,16 @@ def test_lock_excludes_a_second_holder(store):
 
 # ----------------------------------------------------------------------------- through the manager
 
-@pytest.fixture(params=["native", "memory"])
+@pytest.fixture(params=["native", "memory", "ts-memory", "s3"])
 def manager_target(request, tmp_path):
     if request.param == "native":
         return str(tmp_path / "run")
-    return f"memory://contract{next(_counter)}/run"
+    if request.param == "s3":
+        pytest.importorskip("tensorstore")
+        return f"s3://{request.getfixturevalue('s3_server').new_bucket()}/run"
+    if request.param == "ts-memory":
+        pytest.importorskip("tensorstore")
+    return f"{request.param}://contract{next(_counter)}/run"
 
 
 def test_manager_round_trip_rotation_and_resume(manager_target):

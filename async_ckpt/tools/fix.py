@@ -434,11 +434,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quarantine", action="store_true",
                    help="rename corrupt steps to checkpoint-N.corrupt-<id> so restore skips them")
     p.add_argument("--step", type=verify.non_negative_int, help="in a root, fix only this step")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="S3 endpoint for s3:// paths (default: $AWS_ENDPOINT_URL_S3, then $AWS_ENDPOINT_URL, "
+                        "then AWS); credentials and region come from the AWS_* environment variables")
     return p
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     args = build_parser().parse_args(None if argv is None else list(argv))
+    from ..storage import is_url
+    if is_url(args.path):       # a store without rename: the repairs it allows (tools/fix_store.py)
+        from ..errors import CheckpointError
+        from ..storage.kvstore import endpoint_override
+        from .fix_store import StoreFixer
+        try:
+            with endpoint_override(args.endpoint):
+                return StoreFixer(args.path, backup=not args.no_backup, quarantine=args.quarantine,
+                                  step=args.step).run(dry_run=args.dry_run)
+        except (CheckpointError, OSError, ValueError) as e:    # unreachable store, unsupported URL
+            print(f"fix: {args.path}: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_CODES[CORRUPT]
     try:
         fixer = Fixer(Path(args.path), seed=args.seed, backup=not args.no_backup,
                       quarantine=args.quarantine, step=args.step)

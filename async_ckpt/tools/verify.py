@@ -767,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=non_negative_int, help="in a root, verify only this step")
     p.add_argument("--plain", action="store_true", help="ASCII [ok]/[missing] instead of emoji")
     p.add_argument("--threads", type=positive_int, default=None, help="reader threads, 1 to 1024 (default: auto)")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="S3 endpoint for s3:// paths (default: $AWS_ENDPOINT_URL_S3, then $AWS_ENDPOINT_URL, "
+                        "then AWS); credentials and region come from the AWS_* environment variables")
     return p
 
 
@@ -794,9 +797,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = build_parser().parse_args(None if argv is None else list(argv))
     if args.quick and args.deep:
         build_parser().error("--quick and --deep contradict each other")
+    from ..storage.kvstore import endpoint_override
+
     try:
-        result = check_path(args.path if is_url(args.path) else Path(args.path), quick=args.quick,
-                            threads=args.threads, step=args.step, deep=args.deep)
+        with endpoint_override(args.endpoint):
+            result = check_path(args.path if is_url(args.path) else Path(args.path), quick=args.quick,
+                                threads=args.threads, step=args.step, deep=args.deep)
     except ImportError as e:
         print(f"verify: the native extension is unavailable ({e}); --quick checks without it",
               file=sys.stderr)
