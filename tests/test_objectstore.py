@@ -197,44 +197,31 @@ def test_exact_resume_through_s3_model_and_adamw_bitwise(s3_server, bucket):
             assert torch.equal(got_opt["state"][i][k], s[k]), (i, k)
 
 
-def test_demo_killed_and_resumed_through_s3_is_bitwise_identical(s3_server, bucket, tmp_path):
-    """The README demo against S3 in other processes: SIGKILL after the step-8 save, resume,
-    and the losses and final states equal a straight run's."""
-    common = ["--steps", "12", "--save-every", "4", "--dim", "16", "--block", "16", "--batch-size", "4",
-              "--keep", "3"]
+def test_demo_killed_and_resumed_through_s3_replays_the_same_losses(s3_server, bucket, tmp_path):
+    """The README demo against S3 in other processes: SIGKILL after step 10 (the last commit
+    is step 8), resume: steps 9 and 10 run again and give bitwise the same losses."""
+    args = ["--dir", f"s3://{bucket}/run", "--loss-log", str(tmp_path / "loss.jsonl"), "--steps", "12",
+            "--save-every", "4", "--dim", "16", "--block", "16", "--batch-size", "4", "--keep", "3"]
     env = dict(os.environ, PYTHONHASHSEED="0")
 
-    def demo(run: str, log: str, *extra: str):
-        return subprocess.run([sys.executable, "-m", "async_ckpt.demo", "--dir", f"s3://{bucket}/{run}",
-                               "--loss-log", str(tmp_path / log), *common, *extra],
+    def demo(*extra: str):
+        return subprocess.run([sys.executable, "-m", "async_ckpt.demo", *args, *extra],
                               capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
 
-    a = demo("a", "a.jsonl")
-    assert a.returncode == 0, a.stderr
-    b = demo("b", "b.jsonl", "--crash-at", "10")
-    assert b.returncode == -9, b.stderr
-    b = demo("b", "b.jsonl", "--resume")
-    assert b.returncode == 0, b.stderr
-    assert "resumed from step 8" in b.stdout
-
-    def losses(name):
-        out = {}
-        for line in open(tmp_path / name):
-            rec = json.loads(line)
-            out.setdefault(rec["step"], rec["loss"])
-            assert out[rec["step"]] == rec["loss"]
-        return out
-    assert losses("a.jsonl") == losses("b.jsonl")
-    with CheckpointManager(f"s3://{bucket}/a", opts()) as ma, CheckpointManager(f"s3://{bucket}/b", opts()) as mb:
-        assert ma.all_steps() == mb.all_steps()
-        last = ma.latest_step()
-        fa, fb = ma.load(last), mb.load(last)
-    for item in ("model", "optimizer"):
-        ta, tb = fa[item], fb[item]
-        flat_a = [v for v in torch.utils._pytree.tree_leaves(ta) if isinstance(v, torch.Tensor)]
-        flat_b = [v for v in torch.utils._pytree.tree_leaves(tb) if isinstance(v, torch.Tensor)]
-        assert len(flat_a) == len(flat_b) > 0
-        assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), item
+    crashed = demo("--crash-at", "10")
+    assert crashed.returncode == -9, crashed.stderr
+    resumed = demo("--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 8" in resumed.stdout
+    seen: dict[int, list[str]] = {}
+    for line in open(tmp_path / "loss.jsonl"):
+        rec = json.loads(line)
+        seen.setdefault(rec["step"], []).append(rec["loss"])
+    assert sorted(seen) == list(range(12))
+    assert len(seen[9]) == len(seen[10]) == 2            # run before the kill, and again after the resume
+    assert all(len(set(v)) == 1 for v in seen.values()), seen
+    with CheckpointManager(f"s3://{bucket}/run", opts()) as mgr:
+        assert mgr.all_steps()[-1] == 11
 
 
 def test_rotation_deletes_the_objects_of_dropped_steps(s3_server, bucket, small_objects):
