@@ -161,24 +161,54 @@ class Collectives:
 
 # ----------------------------------------------------------------------------- replicas
 
-PER_RANK_KINDS = frozenset({"rng", "data"})
+def replicated_by_construction(state: Any) -> set[int]:
+    """Data pointers of the tensors that are identical on every rank by construction:
+    parameters of ``DistributedDataParallel`` modules (broadcast at start, updated from
+    all-reduced gradients) and the optimizer states of those parameters. Buffers are not
+    (DDP overwrites them from rank 0 before each forward, then the forward changes them),
+    nor is anything else: a tensor that merely has the same shape on every rank may hold
+    different values and is written by every rank."""
+    import torch
+
+    params: dict[int, Any] = {}
+    for value in state.values():
+        if isinstance(value, torch.nn.parallel.DistributedDataParallel):
+            for p in value.module.parameters():
+                params[id(p)] = p
+    if not params:
+        return set()
+    out = {p.data_ptr() for p in params.values()}
+    for value in state.values():
+        if isinstance(value, torch.optim.Optimizer):
+            for p, per_param in value.state.items():
+                if id(p) in params:
+                    out.update(t.data_ptr() for t in per_param.values()
+                               if isinstance(t, torch.Tensor) and t.numel() and t.dim() > 0)
+    return out
 
 
-def array_signatures(tree: Any, arrays: list, items: dict) -> list[Optional[str]]:
-    """Per array: what must match on another rank for the two to be the same bytes
-    (dtype, shape and, for shards, the global shape and offset), or None for arrays of
-    per-rank items (RNG streams, data position), which are never shared."""
-    from .format.tree import walk_arrays
+def array_signatures(state: Any, arrays: list) -> list[Optional[str]]:
+    """Per array: what must match on another rank for the two to be the same bytes, or None
+    for an array this rank writes itself whatever the others hold.
 
-    per_rank: set[int] = set()
-    for key, node in zip(tree["keys"], tree["values"]):
-        entry = items.get(key)
-        if entry is not None and entry.kind in PER_RANK_KINDS:
-            per_rank.update(walk_arrays(node))
-    return [None if i in per_rank or a.nbytes == 0 else
-            f"{a.dtype}|{list(a.shape)}|{a.global_shape and list(a.global_shape)}|"
-            f"{a.global_offset and list(a.global_offset)}"
-            for i, a in enumerate(arrays)]
+    Two kinds of arrays are shared: DTensor pieces (same global shape and offset means the
+    same shard: the placements say the values are equal) and tensors replicated by
+    construction (:func:`replicated_by_construction`). Everything else, per-rank RNG
+    streams and data position included, stays per rank."""
+    import torch
+
+    replicated = replicated_by_construction(state)
+
+    def shared(a: Any) -> bool:
+        if a.nbytes == 0:
+            return False
+        if a.global_shape is not None:
+            return True
+        return isinstance(a.value, torch.Tensor) and a.value.data_ptr() in replicated
+
+    return [f"{a.dtype}|{list(a.shape)}|{a.global_shape and list(a.global_shape)}|"
+            f"{a.global_offset and list(a.global_offset)}" if shared(a) else None
+            for a in arrays]
 
 
 def assign_owners(signatures: list[list[Optional[str]]], nbytes: list[list[int]]) -> list[dict[int, tuple[int, int]]]:
@@ -219,10 +249,10 @@ class ReplicaPlanner:
         self._digests: Optional[list[str]] = None
         self._mine: dict[int, tuple[int, int]] = {}
 
-    def __call__(self, tree: Any, arrays: list, items: dict) -> dict[int, tuple[int, int]]:
+    def __call__(self, state: Any, arrays: list) -> dict[int, tuple[int, int]]:
         import hashlib
 
-        sigs = array_signatures(tree, arrays, items)
+        sigs = array_signatures(state, arrays)
         sizes = [a.nbytes for a in arrays]
         digest = hashlib.sha256(json.dumps([sigs, sizes]).encode()).hexdigest()
         digests = self.coll.all_gather_json(digest)

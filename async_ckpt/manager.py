@@ -30,15 +30,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from . import faults, rng, signals
+from .distributed import Collectives, ReplicaPlanner
 from .errors import CheckpointError, NotCommittedError, RestoreError, RootBusyError, SaveError
 from .format.manifest import Manifest
 from .options import CheckpointManagerOptions
 from .pipeline.plan import LayoutCache, plan_save
 from .pipeline.restore import RNG_ITEM, load_items, restore_state
-from .pipeline.saving import CommitInfo, save_one_rank
+from .pipeline.saving import CommitInfo, save_collective, save_one_rank
 from .pipeline.snapshot import Snapshot, StagingPool, copy_into
 from .rotation import steps_to_delete
 from .storage import Storage, open_root, policy_for
@@ -72,6 +73,16 @@ class SaveHandle:
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
+
+    def add_done_callback(self, fn: Callable[["SaveHandle"], None]) -> None:
+        """Call ``fn(handle)`` once the save has committed or failed (at once for a skipped or
+        finished save). It runs on the manager's background thread: keep it short, and call
+        ``result()`` inside it to learn the outcome (that consumes a failure, which is then
+        not raised again by the next ``save_async``)."""
+        if self._future is None:
+            fn(self)
+        else:
+            self._future.add_done_callback(lambda _f: fn(self))
 
     @property
     def skipped(self) -> bool:
@@ -109,9 +120,18 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: Union[str, os.PathLike], options: Optional[CheckpointManagerOptions] = None,
-                 *, storage: Optional[Storage] = None) -> None:
+                 *, storage: Optional[Storage] = None, process_group: Any = None) -> None:
         self.options = options or CheckpointManagerOptions()
         o = self.options
+        # Several ranks: every rank constructs the manager (this is a collective); rank 0 of
+        # the group is the coordinator that creates, commits, rotates and cleans up.
+        self._coll = Collectives.create(process_group, o.collective_timeout_s)
+        self.rank = self._coll.rank if self._coll else 0
+        self.world_size = self._coll.world_size if self._coll else 1
+        # The training thread's collectives (which rank writes a replica) get a group of
+        # their own: the background thread may be inside a collective of an earlier save.
+        coll_fg = Collectives.create(process_group, o.collective_timeout_s) if self._coll else None
+        self._replicas = ReplicaPlanner(coll_fg) if coll_fg is not None else None
         if storage is None:
             storage, root = open_root(directory, lambda: NativeStorage(
                 o.io_threads, o.compression, o.compression_level, o.fsync, o.frozen_max_shared),
@@ -122,12 +142,15 @@ class CheckpointManager:
         self._local = isinstance(storage, NativeStorage)
         self.directory: Union[Path, str] = (Path(root) if self._local else storage.describe(root)
                                             if isinstance(directory, dict) else os.fspath(directory))
-        try:
-            storage.create_location(root)
-        except FileExistsError:
-            pass
         self._commit = policy_for(storage, root)
-        self._release_lock_fn = self._take_lock()
+        self._release_lock_fn = None
+        if self._is_coordinator:
+            try:
+                storage.create_location(root)
+            except FileExistsError:
+                pass
+            # One lock per root, held by the coordinator: ranks on one node never refuse each other.
+            self._release_lock_fn = self._take_lock()
         self._pool = StagingPool(pinned_limit=o.max_pinned_bytes)
         self._slots = threading.BoundedSemaphore(o.max_inflight_saves)
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
@@ -143,16 +166,21 @@ class CheckpointManager:
         self._committed: dict[int, dict[str, float]] = {}   # step → metrics
         self._layouts = LayoutCache()              # training thread only
         self._closed = False
-        if o.cleanup_leftovers:
+        if o.cleanup_leftovers and self._is_coordinator:
             self._commit.clean_leftovers()
+        if self._coll is not None:
+            self._coll.barrier()        # the root exists and is clean before any rank reads it
         self.reload()
         if o.handle_sigterm:
             signals.register(self)
 
     # ------------------------------------------------------------------ listing
 
-    def reload(self) -> None:
+    def reload(self, share: bool = True) -> None:
         """Re-read the committed steps from disk (after another process changed them).
+
+        With several ranks this is a collective (the coordinator's listing is shared), unless
+        ``share`` is False (the manager's own coordinator-only calls).
 
         Without ``best_metric`` this reads only each step's marker and streams its manifest
         through SHA-256 (nothing is parsed); with it, manifests are parsed for their metrics.
@@ -163,6 +191,9 @@ class CheckpointManager:
         else:
             committed = {step: dict(status.manifest.metrics) for step, status in self._commit.committed().items()
                          if status.manifest is not None}
+        if self._coll is not None and share:     # the coordinator's view is every rank's view
+            shared = self._coll.broadcast_json(sorted(committed.items()) if self._is_coordinator else None)
+            committed = {int(step): dict(metrics) for step, metrics in shared}
         with self._state_lock:
             self._committed = committed
             newest = max(committed, default=None)
@@ -230,7 +261,7 @@ class CheckpointManager:
             full_state[RNG_ITEM] = rng.capture()
         # TypeError names a bad path
         plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen,
-                         cache=self._layouts)
+                         cache=self._layouts, replicas=self._replicas)
         lazy = self.options.snapshot == "lazy"
         deferred = self._arm_fence(state, plan) if lazy else frozenset()
         self._slots.acquire()
@@ -323,7 +354,10 @@ class CheckpointManager:
     def _write_in_background(self, step: int, snapshot, metrics: dict[str, float], created: float
                              ) -> tuple[CommitInfo, float]:
         try:
-            info = save_one_rank(self._commit, step, snapshot, metrics, created)
+            if self._coll is None:
+                info = save_one_rank(self._commit, step, snapshot, metrics, created)
+            else:
+                info = save_collective(self._coll, self._commit, step, snapshot, metrics, created)
         except BaseException as e:
             raise SaveError(f"saving step {step} failed: {e}", step) from e
         finally:
@@ -342,16 +376,25 @@ class CheckpointManager:
             self._delete_step(step)
 
     def _delete_step(self, step: int) -> None:
+        """Every rank forgets the step; the coordinator deletes it (rotation is a pure function
+        of the committed steps, so all ranks agree on what goes without a collective)."""
         with self._state_lock:
             self._committed.pop(step, None)
-        self._commit.delete(step, faults.hit)
+        if self._is_coordinator:
+            self._commit.delete(step, faults.hit)
 
     def delete(self, step: int) -> None:
-        """Delete a committed step (waits for in-flight saves first)."""
+        """Delete a committed step (waits for in-flight saves first). Collective with several ranks."""
         self.wait_until_finished()
         if step not in self.all_steps():
             raise RestoreError(f"step {step} is not a committed checkpoint in {self.directory}")
         self._delete_step(step)
+        if self._coll is not None:
+            self._coll.barrier()
+
+    @property
+    def _is_coordinator(self) -> bool:
+        return self._coll is None or self._coll.is_coordinator
 
     # ------------------------------------------------------------------ errors and waiting
 
@@ -405,8 +448,14 @@ class CheckpointManager:
             return
         try:
             self.wait_until_finished()
+            if self._coll is not None:
+                self._coll.barrier()     # no rank leaves while another still needs the group
         finally:
             self._closed = True
+            if self._coll is not None:
+                self._coll.destroy()
+            if self._replicas is not None:
+                self._replicas.coll.destroy()
             self._executor.shutdown(wait=True)
             self._copier.shutdown(wait=True)
             for handle in self._fence_hooks.values():
@@ -461,7 +510,7 @@ class CheckpointManager:
         committed step, warning (RuntimeWarning) about every newer final-named step passed over
         and why, so that falling back to an older step is never silent."""
         if step is None:
-            self.reload()
+            self.reload(share=False)
             with self._state_lock:
                 in_flight = self._last_step if self._pending else None
             passed: list[str] = []
@@ -487,13 +536,34 @@ class CheckpointManager:
             raise NotCommittedError(f"step {step} in {self.directory} is not committed: {status.reason}")
         return step, status.manifest, self._commit.where(status.name)
 
+    def _resolve_shared(self, step: Optional[int]) -> Optional[tuple[int, Manifest, str]]:
+        """``_resolve_step`` on the coordinator, its answer on every rank (collective)."""
+        if self._coll is None:
+            return self._resolve_step(step)
+        self.wait_until_finished()      # the background thread must not be in a collective
+        answer: Any = None
+        if self._coll.is_coordinator:
+            try:
+                found = self._resolve_step(step)
+                answer = {"step": None if found is None else found[0]}
+            except CheckpointError as e:
+                answer = {"error": str(e), "type": type(e).__name__}
+        answer = self._coll.broadcast_json(answer)
+        if "error" in answer:
+            raise (NotCommittedError if answer["type"] == "NotCommittedError" else RestoreError)(answer["error"])
+        if answer["step"] is None:
+            return None
+        return self._resolve_step(answer["step"])
+
     def load(self, step: Optional[int] = None) -> dict[str, Any]:
-        """The raw tree of ``step`` (latest when None): state dicts, tensors on CPU, RNG states."""
-        resolved = self._resolve_step(step)
+        """The raw tree of ``step`` (latest when None): state dicts, tensors on CPU, RNG states.
+
+        With several ranks (collective) each rank gets its own section."""
+        resolved = self._resolve_shared(step)
         if resolved is None:
             raise RestoreError(f"no committed checkpoint in {self.directory}")
         _, manifest, location = resolved
-        return load_items(self._storage, location, manifest)
+        return load_items(self._storage, location, manifest, self.rank, self.world_size)
 
     def restore(self, state: Mapping[str, Any], step: Optional[int] = None, *,
                 restore_rng: bool = True, atomic: bool = True) -> Optional[int]:
@@ -510,9 +580,10 @@ class CheckpointManager:
         targets may hold partial data.
         """
         self._check_open()
-        resolved = self._resolve_step(step)
+        resolved = self._resolve_shared(step)
         if resolved is None:
             return None
         step, manifest, location = resolved
-        restore_state(self._storage, location, manifest, state, restore_rng=restore_rng, atomic=atomic)
+        restore_state(self._storage, location, manifest, state, rank=self.rank, world_size=self.world_size,
+                      restore_rng=restore_rng, atomic=atomic)
         return step

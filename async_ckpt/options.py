@@ -35,7 +35,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _default_threads() -> int:
-    return _env_int("ASYNC_CKPT_IO_THREADS", max(2, min(8, os.cpu_count() or 2)))
+    # Ranks on one node share its cores: each gets its share (torchrun sets LOCAL_WORLD_SIZE).
+    per_node = max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+    return _env_int("ASYNC_CKPT_IO_THREADS", max(1 if per_node > 1 else 2, min(8, os.cpu_count() or 2) // per_node))
 
 
 def _default_compression() -> Optional[str]:

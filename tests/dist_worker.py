@@ -222,6 +222,18 @@ def run_dcp_dicts(args) -> dict:
                         if torch.is_tensor(v)}}
 
 
+def run_perrank(args) -> dict:
+    """Tensors of the same shape that hold different values on each rank (no DDP): each rank
+    must get its own values back."""
+    rank = dist.get_rank()
+    state = {"t": torch.full((1000,), float(rank)), "stats": {"seen": torch.tensor([10 * rank + 1])}}
+    with CheckpointManager(args.root, opts(collective_timeout_s=args.timeout)) as mgr:
+        mgr.save(1, state)
+        fresh = {"t": torch.zeros(1000), "stats": {"seen": torch.tensor([0])}}
+        assert mgr.restore(fresh) == 1
+    return {"t": float(fresh["t"][0]), "seen": int(fresh["stats"]["seen"][0]), "rank": rank}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode")
@@ -238,7 +250,7 @@ def main() -> int:
     dist.init_process_group("gloo")
     try:
         out = {"ddp": run_ddp, "fail": run_fail, "fsdp": run_fsdp, "dtensor2d": run_dtensor2d,
-               "dcp_dicts": run_dcp_dicts}[args.mode](args)
+               "dcp_dicts": run_dcp_dicts, "perrank": run_perrank}[args.mode](args)
     finally:
         try:
             dist.destroy_process_group()

@@ -204,3 +204,34 @@ def test_shard_coverage_names_a_missing_or_overlapping_piece(fsdp4):
         for a, b in zip(manifest.ranks[2].arrays, manifest.ranks[0].arrays)))
     overlapping = dataclasses.replace(manifest, ranks=manifest.ranks[:2] + (moved,) + manifest.ranks[3:])
     assert any("overlap" in p for p in coverage_problems(overlapping))
+
+
+def test_per_rank_tensors_of_the_same_shape_are_never_merged(tmp_path):
+    root = tmp_path / "run"
+    ok(launch(2, "perrank", "--root", str(root), "--out", str(tmp_path / "o")))
+    for got in results(tmp_path / "o", 2):
+        assert got["t"] == float(got["rank"]) and got["seen"] == 10 * got["rank"] + 1, got
+    manifest = layout.read_manifest(root / "checkpoint-1")
+    assert not any(a.stored_by for r in manifest.ranks for a in r.arrays)
+
+
+def test_verify_reports_ranks_and_a_missing_rank_file(fsdp4, tmp_path):
+    import shutil
+
+    from async_ckpt.tools import report, verify
+
+    root, _ = fsdp4
+    rep = verify.check_step(root / "checkpoint-3")
+    assert rep.verdict in (verify.COMPLETE, verify.PARTIAL) and rep.world_size == 4
+    assert len(rep.rank_bytes) == 4 and all(n > 0 for n in rep.rank_bytes)
+    import io
+    out = io.StringIO()
+    report.render(rep, out, verbose=True, plain=True)
+    assert "bytes per rank: rank 0" in out.getvalue()
+    copy = tmp_path / "checkpoint-3"
+    shutil.copytree(root / "checkpoint-3", copy)
+    (copy / "data-r2-0.bin").unlink()
+    broken = verify.check_step(copy)
+    assert broken.verdict == verify.CORRUPT
+    assert any(p.startswith("rank 2: data-r2-0.bin: missing") for p in broken.problems), broken.problems
+    assert all(t.startswith("rank 2: ") for b in broken.bad_chunks for t in b.tensors)

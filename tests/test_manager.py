@@ -315,3 +315,17 @@ def test_restore_into_other_dtype_goes_through_load_state_dict(tmp_path):
         mgr.restore({"model": dst})
     assert dst.weight.dtype == torch.float64
     assert torch.equal(dst.weight, src.weight.double())
+
+
+def test_done_callback_sees_the_outcome_once(tmp_path):
+    seen = []
+    with CheckpointManager(tmp_path, opts(save_interval_steps=2)) as mgr:
+        h = mgr.save_async(2, {"x": torch.ones(3)})
+        h.add_done_callback(lambda handle: seen.append(handle.result().step))
+        mgr.wait_until_finished()
+        skipped = mgr.save_async(3, {"x": torch.ones(3)})
+    assert seen == [2]
+    assert skipped.skipped
+    calls = []
+    skipped.add_done_callback(calls.append)
+    assert calls == [skipped]

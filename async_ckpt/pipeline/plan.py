@@ -106,7 +106,7 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     With ``separate_frozen``, parameters with ``requires_grad=False`` of the modules in
     ``state`` are laid out last, from chunk ``frozen_from`` on (storage may reuse them).
 
-    ``replicas(tree, arrays, items)``, with several ranks, returns the arrays another rank writes
+    ``replicas(state, arrays)``, with several ranks, returns the arrays another rank writes
     (index → (rank, index)): they are left out of the layout.
 
     Raises TypeError naming the path of any value the format cannot hold.
@@ -130,14 +130,21 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     else:       # the common case costs nothing per array
         order, tail = list(range(len(arrays))), []
 
-    stored_by = dict(replicas(tree, arrays, items)) if replicas is not None else {}
+    stored_by = dict(replicas(state, arrays)) if replicas is not None else {}
     if stored_by:
         order = [i for i in order if i not in stored_by]
         tail = [i for i in tail if i not in stored_by]
-    key = (chunk_bytes, [r.dtype for r in arrays], [r.shape for r in arrays], tail, sorted(stored_by))
+    # Shards of distributed tensors get chunks of their own, apart from plain arrays: a rank
+    # that reads another rank's replicas (small, plain) then never reads its shards too.
+    split = len(order)
+    if any(arrays[i].global_shape is not None for i in order):
+        plain = [i for i in order if arrays[i].global_shape is None]
+        order = plain + [i for i in order if arrays[i].global_shape is not None]
+        split = len(plain)
+    key = (chunk_bytes, [r.dtype for r in arrays], [r.shape for r in arrays], tail, sorted(stored_by), split)
     layout = cache.get(key) if cache is not None else None
     if layout is None:
-        layout = _lay_out(arrays, order, tail, chunk_bytes, len(arrays))
+        layout = _lay_out(arrays, order, tail, chunk_bytes, len(arrays), split)
         if cache is not None:
             cache.put(key, layout)
     signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
@@ -184,9 +191,9 @@ class LayoutCache:
 
 
 def _lay_out(arrays: Sequence[ArrayRef], order: list[int], tail: list[int], chunk_bytes: int,
-            n_arrays: int) -> _Layout:
+            n_arrays: int, split: int) -> _Layout:
     """Offsets in staging memory, size-bounded chunks and each array's parts (arrays not in
-    ``order`` or ``tail`` keep offset 0 and no parts)."""
+    ``order`` or ``tail`` keep offset 0 and no parts). A chunk starts at ``order[split]``."""
     offsets: list[int] = [0] * n_arrays
     chunks: list[ChunkPlan] = []
     parts: list[tuple[tuple[int, int, int], ...]] = [()] * n_arrays
@@ -212,6 +219,8 @@ def _lay_out(arrays: Sequence[ArrayRef], order: list[int], tail: list[int], chun
 
     for pos, i in enumerate(order + tail):
         ref = arrays[i]
+        if pos == split and 0 < split < len(order):
+            start_chunk()
         if pos == len(order):
             start_chunk()                 # the frozen tail starts a chunk of its own
             frozen_from = len(chunks)

@@ -12,7 +12,7 @@ Runs on the caller's thread inside restore/load; knows nothing of steps or polic
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
@@ -31,14 +31,11 @@ class Pieces:
         self.manifest = manifest
         self.by_path = pieces_by_path(manifest)
 
-    def boxes(self, read: Callable[[int, list[int]], Mapping[int, Any]],
-              wanted: list[tuple[Any, Path, str, tuple[int, ...], tuple[int, ...]]]) -> dict[Any, torch.Tensor]:
-        """For each ``(key, path, dtype, offset, shape)``: the box [offset, offset + shape) of
-        the logical array at ``path``, assembled from the saved pieces that overlap it. Each
-        needed piece is read once, all of one rank's pieces in one call; a box whose bytes
-        the pieces do not cover exactly raises RestoreError. ``read(rank, indices)`` returns
-        those arrays of that rank's section."""
-
+    def needs(self, wanted: list[tuple[Any, Path, str, tuple[int, ...], tuple[int, ...]]]
+              ) -> tuple[dict[int, set[int]], list]:
+        """For each ``(key, path, dtype, offset, shape)`` (the box [offset, offset + shape) of the
+        logical array at ``path``): the saved pieces that overlap it. Returns the pieces to
+        read, by rank, and the plan :meth:`assemble` takes."""
         need: dict[int, set[int]] = {}
         plan = []
         for key, path, dtype, offset, shape in wanted:
@@ -47,10 +44,12 @@ class Pieces:
             for r, j, _ in hits:
                 need.setdefault(r, set()).add(j)
             plan.append((key, path, dtype, offset, shape, hits))
-        got: dict[tuple[int, int], Any] = {}
-        for r, indices in sorted(need.items()):
-            for j, value in read(r, sorted(indices)).items():
-                got[(r, j)] = value
+        return need, plan
+
+    @staticmethod
+    def assemble(plan: list, got: Mapping[tuple[int, int], Any]) -> dict[Any, torch.Tensor]:
+        """The boxes of :meth:`needs`' plan from the pieces read (``got[(rank, index)]``); a box
+        whose elements the pieces do not cover exactly once raises RestoreError."""
         out: dict[Any, torch.Tensor] = {}
         for key, path, dtype, offset, shape, hits in plan:
             box = torch.empty(shape, dtype=parse_array_dtype(dtype)[1])

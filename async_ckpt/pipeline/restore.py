@@ -139,6 +139,8 @@ def _view(buf: torch.Tensor, offset: int, entry: Any) -> Any:
 
 def _fits(target: Any, dtype: str, shape: tuple[int, ...]) -> bool:
     if isinstance(target, torch.Tensor):
+        if type(target) not in (torch.Tensor, torch.nn.Parameter):
+            return False        # a DTensor or other subclass: its local bytes are not its value
         return (target.device.type == "cpu" and target.is_contiguous() and not target.is_conj()
                 and not target.is_neg() and tuple(target.shape) == tuple(shape)
                 and str(target.dtype) == dtype and target.numel() > 0)
@@ -294,8 +296,10 @@ def _source_rank(manifest: Manifest, rank: int, world_size: Optional[int]) -> in
     src = rank if rank < manifest.world_size else 0
     warnings.warn(f"async_ckpt: step {manifest.step} was saved by {manifest.world_size} rank(s) and is restored "
                   f"into {world_size}: rank {rank} takes the per-rank items (RNG streams, data position) of "
-                  f"saved rank {src}, so dropout and shuffling will not repeat an uninterrupted "
-                  f"{manifest.world_size}-rank run; sharded and replicated tensors are resharded exactly",
+                  f"saved rank {src}, so random streams (dropout, per-rank shuffling) will not repeat an "
+                  f"uninterrupted {manifest.world_size}-rank run (a sampler drawing global batches, such as "
+                  "ResumableSampler.next_batch_for, keeps its order); sharded and replicated tensors are "
+                  "resharded exactly",
                   RuntimeWarning, stacklevel=4)
     return src
 
@@ -310,8 +314,7 @@ def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, t
     sharded = [j for j in indices if section.arrays[j].global_shape is not None]
     if not sharded:
         return read_arrays(storage, location, manifest, src, indices=indices, destinations=destinations)
-    plain = [j for j in indices if section.arrays[j].global_shape is None]
-    arrays = read_arrays(storage, location, manifest, src, indices=plain, destinations=destinations)
+    plain = {j for j in indices if section.arrays[j].global_shape is None}
     paths = reshard.array_paths(tree)
     wanted, templates = [], {}
     for j in sharded:
@@ -323,10 +326,20 @@ def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, t
         else:
             offset, shape = (0,) * len(entry.global_shape), tuple(entry.global_shape)
         wanted.append((j, paths[j], entry.dtype, offset, shape))
-    def read(rank: int, idx: list[int]) -> dict[int, Any]:
-        return read_arrays(storage, location, manifest, rank, indices=idx)
-
-    for j, box in reshard.Pieces(manifest).boxes(read, wanted).items():
+    need, plan = reshard.Pieces(manifest).needs(wanted)
+    # One read per rank: this rank's plain arrays and every piece it needs together, so no
+    # chunk is read twice.
+    arrays: dict[int, Any] = {}
+    got: dict[tuple[int, int], Any] = {}
+    for r in sorted(set(need) | {src}):
+        idx = need.get(r, set()) | (plain if r == src else set())
+        values = read_arrays(storage, location, manifest, r, indices=idx,
+                             destinations=destinations if r == src else None)
+        for j, v in values.items():
+            got[(r, j)] = v
+            if r == src and j in plain:
+                arrays[j] = v
+    for j, box in reshard.Pieces.assemble(plan, got).items():
         arrays[j] = reshard.shard_like(templates[j], box) if j in templates else box
     return arrays
 

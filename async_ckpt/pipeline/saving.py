@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -36,6 +37,17 @@ class CommitInfo:
     stored_bytes: int
     write_seconds: float
     reused_bytes: int = 0       # bytes the backend did not write again (hard-linked frozen files)
+
+
+def abort_quietly(policy: CommitPolicy, location: str) -> None:
+    """Remove a save that will not commit without hiding why it failed: when the store is
+    down the removal fails too, and the caller's error must stay the one that propagates
+    (the next run's leftover cleanup removes what is left)."""
+    try:
+        policy.abort(location)
+    except Exception as e:  # noqa: BLE001 - reported as a warning, the save's own error wins
+        warnings.warn(f"async_ckpt: could not remove the unfinished step at {location}: {e}; "
+                      "the next run cleans it up", RuntimeWarning, stacklevel=2)
 
 
 def rank_write(step: int, rank: int, snapshot: Snapshot) -> RankWrite:
@@ -87,7 +99,7 @@ def save_one_rank(policy: CommitPolicy, step: int, snapshot: Snapshot, metrics: 
         result = write_rank(policy.storage, location, step, 0, snapshot)
         final = commit_ranks(policy, location, step, [result], metrics, created_unix)
     except BaseException:
-        policy.abort(location)
+        abort_quietly(policy, location)
         raise
     return CommitInfo(step, final, result.raw_bytes, result.stored_bytes, time.perf_counter() - t0,
                       result.reused_bytes)
@@ -125,7 +137,7 @@ def write_checkpoint(root: Union[str, Path], step: int, state: Mapping[str, Any]
                                chunk_bytes=chunk_bytes)
         return Path(policy.publish(location, step, manifest, faults.hit))
     except BaseException:
-        policy.abort(location)
+        abort_quietly(policy, location)
         raise
 
 
@@ -194,7 +206,7 @@ def save_collective(coll: Any, policy: CommitPolicy, step: int, snapshot: Snapsh
         payloads = coll.gather_json(payload)
     except BaseException:
         if coordinator:
-            policy.abort(location)
+            abort_quietly(policy, location)
         raise
     outcome: Any = None
     if coordinator:
@@ -210,7 +222,7 @@ def save_collective(coll: Any, policy: CommitPolicy, step: int, snapshot: Snapsh
             except Exception as e:  # noqa: BLE001 - reported to every rank
                 failed = [[0, f"commit failed: {type(e).__name__}: {e}"]]
         if failed:
-            policy.abort(location)
+            abort_quietly(policy, location)
             outcome = {"failed": failed}
     outcome = coll.broadcast_json(outcome)
     if "failed" in outcome:

@@ -286,7 +286,7 @@ class Fixer:
         in place of ``original`` when given: the original is untouched until the new step
         is complete, then moved to the backup, and put back if the final rename fails."""
         from .. import faults
-        from ..pipeline.saving import write_state
+        from ..pipeline.saving import abort_quietly, write_state
 
         policy = self.policy
         location = policy.begin(step)
@@ -298,7 +298,7 @@ class Fixer:
             aside = self.backup_path(original.name) if self.backup else self.root / names.tmp_dir_name(step)
             final = Path(policy.replace(location, step, manifest, str(aside)))
         except BaseException:
-            policy.abort(location)
+            abort_quietly(policy, location)
             raise
         if self.backup:
             return f"wrote {final}; original kept in {aside}"

@@ -152,6 +152,8 @@ def _render_verbose(rep: Any, w: Any, sym: Symbols) -> None:
           f"{rep.chunks} chunks in {rep.files} file{'s' * (rep.files != 1)}")
         if rep.metrics:
             w("  metrics: " + ", ".join(f"{k}={v:g}" for k, v in sorted(rep.metrics.items())))
+        if len(rep.rank_bytes) > 1:
+            w("  bytes per rank: " + ", ".join(f"rank {r} {human_bytes(n)}" for r, n in enumerate(rep.rank_bytes)))
     for d in rep.items:
         if d.type == "file":   # legacy layouts: one line per file
             w(f"    file {d.name}: {d.kind}, {human_bytes(d.raw_bytes)}")

@@ -39,6 +39,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 from ..errors import CheckpointError
 from ..format import names
 from ..format.manifest import ItemEntry, Manifest
+from ..format.shards import coverage_problems
 from ..storage import is_url, open_root
 from ..storage.base import ReadRequest, Storage
 from ..storage.commit import MarkerState, policy_for
@@ -150,6 +151,7 @@ class StepReport:
     writer: str = ""
     created_unix: float | None = None
     world_size: int | None = None
+    rank_bytes: list[int] = field(default_factory=list)     # stored bytes per rank (its data files)
     metrics: dict[str, float] = field(default_factory=dict)
     items: list[ItemDetail] = field(default_factory=list)
 
@@ -404,10 +406,14 @@ def _check_manifest_files(rep: StepReport, storage: Storage, location: str, mani
     rep.chunks = len(manifest.chunks)
     rep.total_bytes = sum(f.size for f in manifest.files)
 
+    rep.rank_bytes = [sum(f.size for f in manifest.files if f.rank == r) for r in range(manifest.world_size)]
+    for problem in coverage_problems(manifest):        # section 6: shards tile every array
+        rep.problems.append(f"sharded array {problem}")
     problems, links = data_file_problems(storage, location, manifest)
     real_size: dict[int, int | None] = {i: f.size for i, f in enumerate(manifest.files)}
     for p in problems:
-        rep.problems.append(p.message)
+        rank_of = f"rank {manifest.files[p.file].rank}: " if manifest.world_size > 1 else ""
+        rep.problems.append(rank_of + p.message)
         real_size[p.file] = p.size
     for i, n in links.items():
         rep.notes.append(f"{manifest.files[i].path}: hard link shared with {n - 1} other name(s), e.g. a "
