@@ -449,7 +449,10 @@ class CheckpointManager:
         try:
             self.wait_until_finished()
             if self._coll is not None:
-                self._coll.barrier()     # no rank leaves while another still needs the group
+                # No rank tears a group down while a peer's last message on it is in flight
+                # (gloo aborts the process when a group dies with sends pending).
+                self._coll.barrier()
+                self._replicas.coll.barrier()
         finally:
             self._closed = True
             if self._coll is not None:

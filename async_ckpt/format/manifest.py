@@ -511,7 +511,7 @@ def parse_manifest(doc: Any) -> Manifest:
             dtype = a.get("dtype") if type(a) is dict else None
             known = dtype_cache.get(dtype) if type(dtype) is str else None
             shape = a.get("shape") if known is not None else None
-            nbytes = a.get("nbytes")
+            nbytes = a.get("nbytes") if known is not None else None
             parts_doc = a.get("parts") if known is not None else None
             ok = type(shape) is list and len(shape) <= MAX_NDIM and type(parts_doc) is list
             if ok:
