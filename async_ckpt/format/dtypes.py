@@ -7,16 +7,17 @@ sizes are static so that readers without torch can size payloads.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import numpy as np
 
 from ..errors import FormatError
 
-try:  # torch is optional so that verify can check a checkpoint without it
-    import torch
-except ImportError:  # pragma: no cover - exercised only on torch-less installs
-    torch = None  # type: ignore[assignment]
+# torch as far as this process uses it: bound on first use once the process has imported
+# torch (restore, saving and the tree codec do), never imported here, so verify's CRC pass,
+# verdicts and --json run without torch (a value can only be a tensor once torch is loaded).
+torch: Any = None
 
 __all__ = ["TORCH_DTYPES", "dtype_name", "parse_array_dtype"]
 
@@ -38,15 +39,25 @@ _TORCH_ARRAY_ITEMSIZE = {
 
 TORCH_DTYPES: dict[str, Any] = {}       # canonical name -> torch.dtype (all of them, for torch.dtype nodes)
 TORCH_ARRAY_NAMES: dict[Any, str] = {}  # torch.dtype -> name, array-capable dtypes only
-if torch is not None:
-    for _attr in dir(torch):
-        _obj = getattr(torch, _attr)
-        if isinstance(_obj, torch.dtype) and str(_obj) == "torch." + _attr:
-            TORCH_DTYPES[str(_obj)] = _obj
-    for _name in _TORCH_ARRAY_ITEMSIZE:
-        if _name in TORCH_DTYPES:
-            TORCH_ARRAY_NAMES[TORCH_DTYPES[_name]] = _name
-    del _attr, _obj, _name
+
+
+def bind_torch() -> Any:
+    """torch if this process has imported it (filling the dtype tables, in place, once),
+    else None. Never imports torch."""
+    global torch
+    if torch is None:
+        t = sys.modules.get("torch")
+        if t is None or not hasattr(t, "dtype") or not hasattr(t, "nn"):
+            return None          # not imported (or still importing)
+        for attr in dir(t):
+            obj = getattr(t, attr)
+            if isinstance(obj, t.dtype) and str(obj) == "torch." + attr:
+                TORCH_DTYPES[str(obj)] = obj
+        for name in _TORCH_ARRAY_ITEMSIZE:
+            if name in TORCH_DTYPES:
+                TORCH_ARRAY_NAMES[TORCH_DTYPES[name]] = name
+        torch = t
+    return torch
 
 _NP_DTYPE_RE = re.compile(r"[<|][biufc][0-9]{1,2}\Z")
 NP_KINDS = frozenset("biufc")
@@ -67,7 +78,7 @@ def parse_array_dtype(dtype: str) -> tuple[str, Any, int]:
         itemsize = _TORCH_ARRAY_ITEMSIZE.get(dtype)
         if itemsize is None:
             raise FormatError(f"unsupported array dtype {dtype!r}")
-        if torch is None:
+        if bind_torch() is None:
             return "torch", None, itemsize
         obj = TORCH_DTYPES.get(dtype)
         if obj is None:
@@ -96,7 +107,7 @@ def dtype_name(t: Any) -> str:
     Inverse of :func:`parse_array_dtype`. Raises ``TypeError`` for dtypes that cannot
     be an array payload (quantized, object, big-endian, ...).
     """
-    if torch is not None:
+    if bind_torch() is not None:
         if isinstance(t, torch.Tensor):
             t = t.dtype
         if isinstance(t, torch.dtype):

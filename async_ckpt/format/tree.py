@@ -39,12 +39,12 @@ from typing import Any, Iterator, Sequence, Union
 import numpy as np
 
 from ..errors import FormatError
-from .dtypes import NP_KINDS, TORCH_ARRAY_NAMES, TORCH_DTYPES, dtype_name, parse_array_dtype
+from .dtypes import NP_KINDS, TORCH_ARRAY_NAMES, TORCH_DTYPES, bind_torch, dtype_name, parse_array_dtype
 
-try:  # torch is optional so that verify can check a checkpoint without it
-    import torch
-except ImportError:  # pragma: no cover - exercised only on torch-less installs
-    torch = None  # type: ignore[assignment]
+# torch is bound on first use once the process has imported it (see dtypes.bind_torch):
+# validating a tree (verify) never imports torch; encoding and decoding tensors happen in
+# processes that use torch anyway.
+torch: Any = None
 
 __all__ = [
     "ArrayRef",
@@ -62,8 +62,18 @@ __all__ = [
 Node = Union[None, bool, int, float, str, dict, list]
 MAX_DEPTH = 256
 
-_STRIDED = torch.strided if torch is not None else None
-_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter}) if torch is not None else frozenset()
+_STRIDED: Any = None
+_TENSOR_TYPES: frozenset = frozenset()
+
+
+def _bind() -> None:
+    """Bind torch (and the tensor types) once the process has imported it."""
+    global torch, _STRIDED, _TENSOR_TYPES
+    if torch is None:
+        t = bind_torch()
+        if t is not None:
+            _STRIDED, _TENSOR_TYPES = t.strided, frozenset({t.Tensor, t.nn.Parameter})
+            torch = t
 
 
 # --------------------------------------------------------------------------- helpers
@@ -110,6 +120,7 @@ def is_stateful(obj: Any) -> bool:
 
     Tensors, dicts and classes (whose unbound methods would match) are not stateful.
     """
+    _bind()
     if isinstance(obj, (dict, type)) or (torch is not None and isinstance(obj, torch.Tensor)):
         return False
     try:
@@ -380,6 +391,7 @@ def encode_tree(obj: Any, *, path: str = "", max_depth: int = MAX_DEPTH) -> tupl
     path for values the format cannot represent and for nesting deeper than
     ``max_depth`` containers.
     """
+    _bind()
     enc = _Encoder(max_depth)
     try:
         node = enc.enc(obj, 0)
@@ -649,6 +661,7 @@ class _Decoder:
 
 
 def _check_depth(max_depth: Any) -> None:
+    _bind()
     if type(max_depth) is not int or max_depth < 0:
         raise ValueError(f"max_depth must be a non-negative int, not {max_depth!r}")
 

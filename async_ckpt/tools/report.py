@@ -118,10 +118,11 @@ def render_step(rep: Any, out: TextIO, *, verbose: bool = False, sym: Symbols = 
         _render_verbose(rep, w, sym)
     if rep.layout == "async_ckpt":
         if rep.crc_checked:
-            rate = rep.bytes_checked / rep.seconds if rep.seconds > 0 else 0.0
+            scan = rep.scan_seconds or rep.seconds
+            rate = rep.bytes_checked / scan if scan > 0 else 0.0
             what = "decoded and crc-checked" if rep.deep else "crc-checked"
             w(f"  integrity: {rep.chunks} chunk{'s' * (rep.chunks != 1)} {what}, {human_bytes(rep.bytes_checked)} "
-              f"in {rep.seconds:.2f} s ({human_bytes(rate)}/s)")
+              f"read in {scan:.2f} s ({human_bytes(rate)}/s)")
         else:
             w("  integrity: marker, manifest and file sizes only (--quick: chunk crcs not checked)")
     for n in rep.notes:

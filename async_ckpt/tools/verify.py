@@ -152,6 +152,7 @@ class StepReport:
     created_unix: float | None = None
     world_size: int | None = None
     rank_bytes: list[int] = field(default_factory=list)     # stored bytes per rank (its data files)
+    scan_seconds: float = 0.0       # the crc pass alone (reading + checking), for the throughput
     metrics: dict[str, float] = field(default_factory=dict)
     items: list[ItemDetail] = field(default_factory=list)
 
@@ -440,10 +441,12 @@ def _check_manifest_files(rep: StepReport, storage: Storage, location: str, mani
     if not quick:
         scan_bytes = sum(manifest.chunks[i].length for i in to_scan)
         bar = Progress(scan_bytes, f"verify {rep.name}", enabled=show_progress)
+        t_scan = time.perf_counter()
         try:
             bad.update(scan_chunks(storage, location, manifest, to_scan, progress=bar, deep=deep))
         finally:
             bar.close()
+        rep.scan_seconds = time.perf_counter() - t_scan
         rep.crc_checked = True
         rep.deep = deep
         rep.bytes_checked = scan_bytes
