@@ -43,12 +43,18 @@ class Ours:
         self.folder = Path(folder)
         self.step = 0
         self.managers: dict[str, CheckpointManager] = {}
+        kw = {} if io_threads is None else {"io_threads": io_threads}
         for mode, compression in MODES.items():
-            kw = {} if io_threads is None else {"io_threads": io_threads}
             opts = CheckpointManagerOptions(max_to_keep=None, compression=compression, handle_sigterm=False, **kw)
             mgr = CheckpointManager(self.folder / mode, options=opts)
             mgr.save(self._next(), st.ours)          # untimed: allocates the staging buffer
             self.managers[mode] = mgr
+        # The same state through the TensorStore kvstore backend (file driver), uncompressed:
+        # what an object-store run costs on local disk, against the native backend above.
+        opts = CheckpointManagerOptions(max_to_keep=None, compression=None, handle_sigterm=False, **kw)
+        self.kv_folder = self.folder / "kvstore"
+        self.kv = CheckpointManager({"driver": "file", "path": str(self.kv_folder)}, options=opts)
+        self.kv.save(self._next(), st.ours)
 
     def _next(self) -> int:
         self.step += 1
@@ -57,6 +63,23 @@ class Ours:
     def close(self) -> None:
         for mgr in self.managers.values():
             mgr.close()
+        self.kv.close()
+
+    def run_kvstore(self) -> dict[str, float]:
+        """save (to committed) and restore through the TensorStore file driver, uncompressed."""
+        step = self._next()
+        t0 = time.perf_counter()
+        self.kv.save(step, self.st.ours)
+        out = {"ours_kv_save": time.perf_counter() - t0}
+        for old in self.kv.all_steps():
+            if old != step:
+                self.kv.delete(old)
+        drop_caches(files_under(self.kv_folder))
+        t0 = time.perf_counter()
+        got = self.kv.restore(self.st.ours, step=step)
+        out["ours_kv_restore"] = time.perf_counter() - t0
+        assert got == step, (got, step)
+        return out
 
     def _prune(self, mode: str, keep: int) -> None:
         """Delete every step but ``keep`` (untimed)."""

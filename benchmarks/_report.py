@@ -53,6 +53,7 @@ ROWS: tuple[RowDef, ...] = (
     RowDef("ours_commit_zstd", "ours", "save_async to committed (zstd)", "write"),
     RowDef("ours_commit_auto", "ours", "save_async to committed (auto)", "write"),
     RowDef("ours_save_none", "ours", "save, blocking (none)", "write"),
+    RowDef("ours_kv_save", "ours", "save via TensorStore kvstore, file driver (none)", "write"),
     RowDef("torch_load", "peer", "torch.load (weights_only) + copy in place", "read"),
     RowDef("safetensors_load", "peer", "safetensors load_file + copy in place", "read"),
     RowDef("dcp_load", "peer", "DCP load (in place)", "read"),
@@ -61,6 +62,7 @@ ROWS: tuple[RowDef, ...] = (
     RowDef("ours_restore_none", "ours", "restore in place (none)", "read"),
     RowDef("ours_restore_zstd", "ours", "restore in place (zstd)", "read"),
     RowDef("ours_restore_auto", "ours", "restore in place (auto)", "read"),
+    RowDef("ours_kv_restore", "ours", "restore via TensorStore kvstore, file driver (none)", "read"),
     RowDef("ours_verify_none", "ours", "verify, every chunk's CRC (none)", "read"),
 )
 ROW_IDS = tuple(r.id for r in ROWS)

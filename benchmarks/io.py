@@ -13,6 +13,7 @@ round-robin order (the start rotates each repetition so drift hits all of them e
   peers     torch.save / torch.load, safetensors save_file / load_file, DCP save / load,
             DCP async_save (blocking part, and total), tensorstore zarr3 raw and zstd
   ours      save_async stall and time to committed for compression none / zstd / auto,
+            save and restore through the TensorStore kvstore backend (file driver),
             save (blocking), restore for each mode, verify (every CRC)
 
 Every write is fsync'd inside its timing; before every timed read the files are fsync'd,
@@ -178,6 +179,7 @@ def methods_for(st: BenchState, scratch: Path, floor: MemcpyFloor, disk: DiskCei
     methods += [(name, peer(fn)) for name, fn in PEERS.items()]
     methods += [(f"ours {mode}", (lambda m=mode: ours.run_async(m))) for mode in MODES]
     methods.append(("ours save", ours.run_blocking))
+    methods.append(("ours kvstore", ours.run_kvstore))
     return methods
 
 
@@ -227,6 +229,18 @@ def measure_rss(state: str, size: int, quick: bool, scratch: Path) -> dict[str, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def object_store_section(size: int, repeat: int, scratch: Path | None) -> str:
+    """``--s3``: benchmarks.bench_objectstore against a local moto S3 server (boto3 as that
+    server's ceiling), in a process of its own, as one more section of the report."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_objectstore", "--s3", "--size", str(max(size // 4, 1 << 20)),
+           "--repeat", str(repeat)] + (["--dir", str(scratch)] if scratch else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        return f"## Object store\n\n`{' '.join(cmd[1:])}` failed:\n\n```\n{proc.stderr[-2000:]}\n```"
+    return (f"## Object store (local S3 server)\n\ncommand: `python {' '.join(cmd[1:])}`\n\n"
+            + proc.stdout.strip())
+
+
 def _default_threads() -> int:
     from async_ckpt import CheckpointManagerOptions
     return CheckpointManagerOptions(handle_sigterm=False).io_threads
@@ -259,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--states", default=",".join(STATE_NAMES), help="comma-separated subset of " + ", ".join(STATE_NAMES))
     p.add_argument("--threads", type=int, default=None, help="async_ckpt io_threads (default: the library's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--s3", action="store_true",
+                   help="also our s3:// backend against boto3 on a local moto S3 server (needs moto[server], boto3)")
     return p
 
 
@@ -288,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "states": [],
     }
     factories = build_states(size, args.quick, names)
-    methods_per_rep = 2 + len(PEERS) + len(MODES) + 1
+    methods_per_rep = 2 + len(PEERS) + len(MODES) + 2
     bar = Bar(len(factories) * repeat * methods_per_rep + 2 * len(factories), enabled=not args.no_progress)
     rows: list[_report.Row] = []
     t_start = time.monotonic()
@@ -317,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["seconds"] = round(time.monotonic() - t_start, 1)
     bar_list = _report.bars(rows, BAR_STATE, [s["name"] for s in meta["states"]])
     md = _report.markdown(rows, meta, bar_list)
+    if args.s3:
+        md += "\n\n" + object_store_section(size, repeat, args.dir)
     (args.out / "io.md").write_text(md + "\n")
     (args.out / "io.json").write_text(_report.to_json(rows, meta, bar_list) + "\n")
     _report.chart(rows, meta, args.out / "io.png")
