@@ -9,7 +9,7 @@ batches yourself: worker prefetch draws indices ahead of training).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Sized, Union
+from typing import Any, Iterator, Sized, Union
 
 import torch
 

@@ -169,7 +169,7 @@ COMMIT_TARGET = {"transformer_adamw": 0.80, "small_20k": 0.50}
 
 def bars(rows: list[Row], bar_state: str, states: list[str]) -> list[Bar]:
     out: list[Bar] = []
-    memcpy, write = _get(rows, bar_state, "memcpy"), _get(rows, bar_state, "raw_write")
+    write = _get(rows, bar_state, "raw_write")
     commit = _get(rows, bar_state, "ours_commit_none")
     dtotal = _get(rows, bar_state, "dcp_async_total")
     if write and commit:

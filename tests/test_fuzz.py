@@ -23,7 +23,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 import tracemalloc
 from pathlib import Path

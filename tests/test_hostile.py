@@ -27,10 +27,10 @@ import torch
 
 import ckpt_layout as layout
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
-from async_ckpt.errors import CheckpointError, FormatError, NotCommittedError, StorageError
+from async_ckpt.errors import CheckpointError, FormatError, StorageError
 from async_ckpt.format import manifest as mf
 from async_ckpt.format import names
-from async_ckpt.tools import fix, legacy, report, verify
+from async_ckpt.tools import fix, report, verify
 
 import fixtures_legacy as F
 

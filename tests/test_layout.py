@@ -1,7 +1,5 @@
 """Manifest validation and the commit rules of docs/FORMAT.md, without the native core."""
 
-import copy
-import hashlib
 import json
 
 import pytest

@@ -1,6 +1,5 @@
 """CheckpointManager behaviour: API, commit, rotation, errors, backpressure, buffer reuse."""
 
-import threading
 from pathlib import Path
 import time
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from native_helpers import run_py
 from async_ckpt import native as n
-from async_ckpt.errors import (CheckpointError, ChecksumError, CodecError, FormatError,
+from async_ckpt.errors import (CheckpointError, ChecksumError, FormatError,
                                StorageError)
 
 

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
-import ckpt_layout as layout
 from async_ckpt.tools import legacy
 from async_ckpt.tools import verify
 from async_ckpt.errors import CheckpointError
