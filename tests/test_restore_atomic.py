@@ -79,3 +79,23 @@ def test_missing_module_key_is_refused_before_copying(tmp_path):
         with pytest.raises(RestoreError, match="missing key"):
             mgr.restore({"model": live})
     assert torch.equal(live.weight, before["weight"])
+
+
+def test_a_shared_chunk_claiming_more_than_its_arrays_hold_is_refused(tmp_path):
+    import dataclasses
+
+    from async_ckpt.errors import RestoreError as Refused
+    from async_ckpt.pipeline.restore import read_arrays
+    from async_ckpt.storage.native_files import NativeStorage
+
+    import ckpt_layout as layout
+
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"small": {"a": torch.ones(4), "b": torch.zeros(3)}})
+    manifest = layout.read_manifest(tmp_path / "checkpoint-1")
+    slab = manifest.section(0).arrays[0].parts[0][0]
+    chunks = list(manifest.chunks)
+    chunks[slab] = dataclasses.replace(chunks[slab], raw_length=1 << 30)   # a lie of 1 GiB
+    liar = dataclasses.replace(manifest, chunks=tuple(chunks))
+    with pytest.raises(Refused, match="refusing to allocate"):
+        read_arrays(NativeStorage(io_threads=1), str(tmp_path / "checkpoint-1"), liar)

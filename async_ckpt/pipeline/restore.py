@@ -75,9 +75,12 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     def whole(parts) -> bool:
         return bool(parts) and all(o == 0 and n == chunks[c].raw_length for c, o, n in parts)
 
+    claimed: dict[int, int] = {}
+
     def slab(chunk: int) -> torch.Tensor:
         buf = slabs.get(chunk)
         if buf is None:
+            _check_claimed(manifest, chunk, claimed)
             buf = slabs[chunk] = _chunk_buffer(chunks[chunk].raw_length, chunk)
             requests.append(ReadRequest(chunk, chunks[chunk], memoryview(buf.numpy())))
         return buf
@@ -116,6 +119,26 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     for dst, dst_off, chunk, src_off, length in copies:
         dst[dst_off:dst_off + length] = slabs[chunk].numpy()[src_off:src_off + length]
     return out
+
+
+# A shared chunk is decoded whole; its raw bytes beyond what its arrays claim are padding
+# (at most ALIGN - 1 per array in what this library writes). More than this is a manifest
+# asking for memory it does not use.
+_SLACK_BYTES = 1 << 20
+
+
+def _check_claimed(manifest: Manifest, chunk: int, claimed: dict[int, int]) -> None:
+    """Refuse to allocate a shared chunk whose arrays claim far less than its raw length."""
+    if not claimed:
+        for section in manifest.ranks:
+            for a in section.arrays:
+                for c, _, n in a.parts:
+                    claimed[c] = claimed.get(c, 0) + n
+    raw = manifest.chunks[chunk].raw_length
+    use = claimed.get(chunk, 0)
+    if raw > 2 * use + _SLACK_BYTES:
+        raise RestoreError(f"chunk {chunk} declares {raw} raw bytes but its arrays hold {use}: refusing to "
+                           "allocate memory the manifest does not use")
 
 
 def _chunk_buffer(nbytes: int, chunk: int) -> torch.Tensor:
