@@ -96,6 +96,11 @@ class Ours:
         got = mgr.restore(self.st.ours, step=step)
         out[f"ours_restore_{mode}"] = time.perf_counter() - t0
         assert got == step, (got, step)
+        if mode == "none":      # what all-or-nothing costs: the same restore decoding in place
+            drop_caches(files_under(step_dir))
+            t0 = time.perf_counter()
+            mgr.restore(self.st.ours, step=step, atomic=False)
+            out["ours_restore_direct_none"] = time.perf_counter() - t0
         if verify:
             drop_caches(files_under(step_dir))
             t0 = time.perf_counter()
