@@ -7,10 +7,12 @@ loaded. Nothing here reads a pickle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import random
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +161,10 @@ def hf_checkpoint(root: Path, step: int, *, rng: str | None = "normal", weights:
     return {"path": d, "model": model, "optimizer": opt, "scheduler": sched, "rng": rng_state}
 
 
-def accelerate_folder(path: Path, *, seed: int = 0, rng: bool = True) -> dict:
+def accelerate_folder(path: Path, *, seed: int = 0, rng: bool = True, steps: int = 3) -> dict:
     """An Accelerate ``save_state`` folder (model.safetensors, optimizer.bin, scheduler.bin,
-    random_states_0.pkl)."""
-    model, opt, sched = trained(seed)
+    random_states_0.pkl); the scheduler's position (``last_epoch``) is ``steps``."""
+    model, opt, sched = trained(seed, steps=steps)
     d = Path(path)
     d.mkdir(parents=True)
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
@@ -183,3 +185,63 @@ def torch_file(path: Path, *, step: int = 40, seed: int = 0) -> dict:
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": 2, "step": step}, path)
     return {"path": Path(path), "model": model, "optimizer": opt, "scheduler": sched}
+
+
+def accelerate_project(root: Path, steps: tuple[int, ...] = (2, 5)) -> dict:
+    """An Accelerate project dir with automatic checkpoint naming: ``checkpoints/checkpoint_K``
+    for K = 0, 1, ... whose scheduler has stepped ``steps[K]`` times."""
+    out = {}
+    for k, n in enumerate(steps):
+        out[n] = accelerate_folder(Path(root) / "checkpoints" / f"checkpoint_{k}", seed=k, steps=n)
+    return out
+
+
+def lightning_file(path: Path, *, step: int = 8, epoch: int = 1, seed: int = 0) -> dict:
+    """A file laid out as Lightning's ``TorchCheckpointIO`` writes one (no Lightning needed)."""
+    model, opt, sched = trained(seed, steps=step)
+    ckpt = {"epoch": epoch, "global_step": step, "pytorch-lightning_version": "2.6.6",
+            "state_dict": model.state_dict(), "loops": {"fit_loop": {"epoch_progress": {"current": epoch}}},
+            "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_path": ""}},
+            "optimizer_states": [opt.state_dict()], "lr_schedulers": [sched.state_dict()]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return {"path": Path(path), "model": model, "optimizer": opt, "scheduler": sched}
+
+
+def tree_fingerprint(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (root included, symlinks not followed): type, size,
+    mtime_ns, mode, a folder's names and the sha256 of a file's bytes. Equal before and
+    after = untouched."""
+    root = Path(root)
+
+    def entry(p: Path) -> tuple:
+        st = os.lstat(p)
+        if stat.S_ISREG(st.st_mode):
+            return ("file", st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                    hashlib.sha256(p.read_bytes()).hexdigest())
+        if stat.S_ISDIR(st.st_mode):
+            return ("dir", st.st_mtime_ns, stat.S_IMODE(st.st_mode), tuple(sorted(os.listdir(p))))
+        return ("other", st.st_mode, st.st_mtime_ns)
+
+    out = {".": entry(root)}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(root))] = entry(p)
+    return out
+
+
+def assert_equal(a, b, path="") -> None:
+    """Bitwise equality of nested state dicts (tensors, numbers, lists, dicts)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            assert_equal(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)

@@ -358,3 +358,21 @@ def test_root_json(complete):
     doc = json.loads(r.stdout)
     assert doc["kind"] == "root" and doc["restore_step"] == 10 and doc["exit_code"] == 0
     assert [s["verdict"] for s in doc["steps"]] == ["UNCOMMITTED", "COMPLETE"]
+
+
+def test_folder_of_other_tools_checkpoints_json(tmp_path, capsys):
+    """A folder of Lightning files: each judged, newest first by its recorded step; optimizer and
+    scheduler found in optimizer_states / lr_schedulers; the JSON names the folder's kind and
+    where each step came from."""
+    F.lightning_file(tmp_path / "a.ckpt", step=3, epoch=0)
+    F.lightning_file(tmp_path / "b.ckpt", step=9, epoch=2)
+    assert verify.main(["--json", str(tmp_path)]) == 1          # PARTIAL: Lightning saves no RNG
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kind"] == "root" and doc["layout"] == "lightning_dir" and doc["restore_step"] is None
+    assert [(s["name"], s["step"], s["step_source"]) for s in doc["steps"]] == [
+        ("b.ckpt", 9, "b.ckpt['global_step']"), ("a.ckpt", 3, "a.ckpt['global_step']")]
+    for s in doc["steps"]:
+        assert s["layout"] == "lightning" and s["missing"] == ["RNG states missing: dropout and shuffling will differ"]
+    assert verify.main(["--plain", "--step", "3", str(tmp_path)]) == 1
+    text = capsys.readouterr().out
+    assert "folder of Lightning checkpoints" in text and "a.ckpt" in text and "b.ckpt" not in text

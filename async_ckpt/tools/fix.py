@@ -1,11 +1,25 @@
 """``python -m async_ckpt.fix PATH``: repair what can be repaired, say plainly what cannot.
 
 Sequence: verify PATH (every chunk's crc) → print the plan → act (unless ``--dry-run``)
-→ verify again and print the result. Everything it changes is backed up first into
-``<root>/.backup/`` (named in the output) unless ``--no-backup``. A second run finds
-nothing to do and says "nothing to fix".
+→ verify again and print the result. ``--dry-run`` writes nothing at all (not even the
+lock file): the root's lock is taken only to act, and only in the root that is written.
+Everything it changes in a root of ours is backed up first into ``<root>/.backup/``
+(named in the output) unless ``--no-backup``. A second run finds nothing to do and says
+"nothing to fix".
 
-What it does, per entry of the root (or the one PATH):
+Checkpoints of other tools (Hugging Face Trainer ``checkpoint-N`` folders and output dirs,
+Accelerate ``save_state`` folders and project dirs, Lightning ``.ckpt`` files and folders
+of them, single ``torch.save`` files: :mod:`~async_ckpt.tools.legacy`) are only read:
+each becomes a committed ``checkpoint-<step>`` in a root of its own, ``--out DIR`` or by
+default ``<source>.async_ckpt`` beside the tool's folder (for one checkpoint inside a
+tool's folder, beside that folder), so the tool keeps resuming from its own folder and
+nothing of ours appears where it looks. The step is the one the tool recorded, and the
+plan says where it came from. Items: ``model``, ``optimizer``, ``scheduler``, ``progress``,
+``rng`` (+ ``config``, ``tokenizer``, ``scaler``, ``data``, ``trainer_state``,
+``lightning``). A checkpoint that cannot be read is reported and left as it is; one whose
+step is already committed in the destination is "already converted".
+
+What it does in a root of ours, per entry (or the one PATH):
 
 * leftovers of crashed saves (``.checkpoint-N.tmp-*``, final-named folders with neither
   manifest nor marker, its own ``.fix-*`` scratch folders): moved to the backup / removed;
@@ -13,17 +27,14 @@ What it does, per entry of the root (or the one PATH):
   proves itself intact (its ``self_sha256``, FORMAT.md section 2.3) and every chunk
   verifies; a manifest that is damaged or carries no self digest is never re-signed;
 * a committed step without RNG or training state: rewritten with RNG derived from
-  (``--seed``, step) and ``{"step": N}``, both marked *reconstructed*;
-* legacy layouts (Hugging Face Trainer, Accelerate, one ``torch.save`` file): converted
-  into a committed ``checkpoint-N`` with items ``model``, ``optimizer``, ``scheduler``,
-  ``progress``, ``rng`` (+ ``config``, ``tokenizer``, ``scaler``, ``data``); a folder
-  named ``checkpoint-N`` is replaced in place (the original goes to the backup), anything
-  else gets a ``checkpoint-N`` beside it and is left untouched;
+  (``--seed``, step) and ``{"step": N}``, both marked *reconstructed* (verify then says
+  PARTIAL and names them: synthesised state is never the original run's);
 * a corrupt step: only with ``--quarantine``, renamed ``checkpoint-N.corrupt-<id>`` so
   ``latest_step()`` skips it. Optimizer moments and corrupt bytes cannot be rebuilt.
 
 Exit code: the verdict after fixing, as for verify (0 complete, 1 partial, 2 corrupt /
-uncommitted / not a checkpoint), 64 for usage errors.
+uncommitted / not a checkpoint; after a conversion, that of the destination root), 64 for
+usage errors (an ``--out`` the source tool would trip over among them).
 """
 
 from __future__ import annotations
@@ -57,23 +68,46 @@ class Action:
 
 
 class Fixer:
-    """Plans and applies the repairs for one PATH. Single-threaded; holds the root's lock."""
+    """Plans and applies the repairs for one PATH. Single-threaded. Planning only reads;
+    acting holds the lock of the one root it writes (PATH's root of ours, or the
+    destination of a conversion), never a lock in another tool's folder."""
 
     def __init__(self, path: Path, *, seed: int = 0, backup: bool = True, quarantine: bool = False,
-                 step: int | None = None, out=None) -> None:
+                 step: int | None = None, out=None, dest: Path | None = None) -> None:
         self.path = Path(path)
         self.seed = seed
         self.backup = backup
         self.quarantine = quarantine
         self.step = step
         self.out = out or sys.stdout
-        self.is_root = verify.is_root(self.path)
-        self.root = self.path if self.is_root else self.path.parent
         self.actions: list[Action] = []
         self.cannot: list[str] = []
         self.already: list[str] = []
-        self.result_path = self.path   # what to verify afterwards (a conversion's or quarantine's target)
         self._policy: RenameCommit | None = None
+        self.dest_arg = Path(dest) if dest is not None else None
+        # Another tool's checkpoints: read only, converted into a root of their own (dest).
+        self.source = legacy.find_root(self.path)          # a folder of them
+        self.home: Path | None = None
+        self.listed: list[Path] = []
+        self.entries: list[Path] = []
+        if self.source is not None:
+            self.home, self.listed, self.entries = self.source.home, self.source.listed, self.source.entries
+        elif legacy.detect(self.path) is not None:         # one of them
+            parent = legacy.root_of(self.path)
+            self.home = parent.home if parent is not None else self.path
+            self.listed = parent.listed if parent is not None else []
+            self.entries = [self.path]
+        self.converting = self.home is not None
+        self.dest_refused: str | None = None
+        if self.converting:
+            self.is_root = self.source is not None
+            self.dest = Path(os.path.abspath(self.dest_arg if self.dest_arg is not None
+                                             else legacy.default_dest(self.home)))
+            self.root = self.dest                           # the only root written
+        else:
+            self.is_root = verify.is_root(self.path)
+            self.root = self.path if self.is_root else self.path.parent
+        self.result_path = self.path   # what to verify afterwards (a conversion's or quarantine's target)
 
     @property
     def policy(self) -> RenameCommit:
@@ -130,6 +164,8 @@ class Fixer:
     # ------------------------------------------------------------------ planning
 
     def plan(self) -> verify.StepReport | verify.RootReport:
+        if self.converting:
+            return self._plan_import()
         report = verify.check_path(self.path, step=self.step if self.is_root else None)
         if isinstance(report, verify.RootReport):
             for rep in report.steps:
@@ -173,7 +209,8 @@ class Fixer:
                                        lambda: self._set_aside(path)))
             return
         if rep.layout in legacy.LAYOUT_NAMES:
-            self._plan_legacy(rep, path)
+            self.cannot.append(f"{name}: another tool's checkpoint inside a root of ours; run fix on it to "
+                               "convert it into a root of its own")
             return
         if names.parse_quarantine_dir(name) is not None:
             return   # already quarantined
@@ -213,40 +250,62 @@ class Fixer:
             self.cannot.append(f"{rep.name} is CORRUPT ({what}): corrupt data cannot be rebuilt; "
                                "re-run with --quarantine to set it aside")
 
-    def _plan_legacy(self, rep: StepReport, path: Path) -> None:
+    def _plan_import(self) -> verify.StepReport | verify.RootReport:
+        """Plan the conversion of another tool's checkpoints into ``self.dest``; reads only."""
+        report = verify.check_path(self.path, step=self.step if self.is_root else None)
+        self.dest_refused = legacy.dest_problem(self.dest, self.entries, self.listed,
+                                                self.source.path if self.source is not None else None)
+        if self.dest_refused is not None:
+            return report
+        if self.dest.is_dir():
+            self.result_path = self.dest
+        planned: dict[int, str] = {}
+        for rep in (report.steps if isinstance(report, verify.RootReport) else [report]):
+            if rep.layout in legacy.LAYOUT_NAMES:
+                try:
+                    self._plan_convert(rep, planned)
+                except (CheckpointError, OSError, ValueError) as e:
+                    self.cannot.append(f"{rep.name}: cannot be planned ({type(e).__name__}: {e})")
+            elif rep.layout in (OURS, "leftover"):
+                where = self.source.description if self.source is not None else "another tool's folder"
+                self.cannot.append(f"{rep.name}: in our layout inside a {where}; left alone (fix writes "
+                                   "nothing into another tool's folder)")
+        return report
+
+    def _plan_convert(self, rep: StepReport, planned: dict[int, str]) -> None:
+        path = Path(rep.path)
+        if rep.deleted or rep.verdict == NOT_A_CHECKPOINT:
+            self.cannot.append(f"{rep.name}: {rep.reason or 'gone'}")
+            return
         found = legacy.detect(path)
         if found is None:
             self.cannot.append(f"{rep.name}: changed while being planned; run fix again")
             return
-        if rep.step is not None:
-            found.step = rep.step     # what verify read inside the file (e.g. global_step)
+        found.layout, found.step, found.step_source = rep.layout, rep.step, rep.step_source
         if rep.verdict == CORRUPT:
-            if self.quarantine and names.parse_step_dir(path.name) is not None:
-                self.actions.append(Action(f"{rep.name}: quarantine it ({'; '.join(rep.problems[:3])})",
-                                           lambda: self._quarantine(path, found.step)))
-            else:
-                self.cannot.append(f"{rep.name}: cannot convert, unreadable: {'; '.join(rep.problems)}"
-                                   + (" (--quarantine sets it aside)" if names.parse_step_dir(path.name)
-                                      is not None else ""))
+            self.cannot.append(f"{rep.name}: cannot convert, unreadable: {'; '.join(rep.problems)} "
+                               "(left as it is)")
             return
         step = found.step if found.step is not None else 0
         if step > names.MAX_STEP:
             self.cannot.append(f"{rep.name}: cannot convert, its step {step} exceeds the largest step the format "
                                f"allows ({names.MAX_STEP})")
             return
-        in_place = path.is_dir() and names.parse_step_dir(path.name) == step
-        target = self.root / names.step_dir_name(step)
-        if not in_place and not self.is_root:
-            self.result_path = target
-        if not in_place and os.path.lexists(target):
-            if self.policy.status(target.name).committed:
-                self.already.append(f"{rep.name}: already converted into {target.name}")
-            else:
-                self.cannot.append(f"{rep.name}: cannot convert, {target} exists and is not ours")
+        if step in planned:
+            self.already.append(f"{rep.name}: step {step} again, as in {planned[step]}: converted once, "
+                                f"from {planned[step]}")
             return
-        where = "in place" if in_place else f"into {target}"
-        self.actions.append(Action(f"{rep.name}: convert {found.description} {where}",
-                                   lambda: self._convert(found, in_place)))
+        planned[step] = rep.name
+        target = self.dest / names.step_dir_name(step)
+        if os.path.lexists(target):
+            if self.dest.is_dir() and self.policy.status(target.name).committed:
+                self.already.append(f"{rep.name}: already converted into {target}")
+            else:
+                self.cannot.append(f"{rep.name}: cannot convert, {target} exists and is not a committed step")
+            return
+        self.actions.append(Action(f"{rep.name}: convert {found.description}, step {step} (from "
+                                   f"{found.step_source or 'its name'}), into {target}",
+                                   lambda: self._convert(found, target)))
         self._cannot_reconstruct(rep)
 
     # ------------------------------------------------------------------ actions
@@ -305,9 +364,14 @@ class Fixer:
         policy.storage.remove(str(aside))
         return f"wrote {final}; original deleted (--no-backup)"
 
-    def _convert(self, found: legacy.LegacyCheckpoint, in_place: bool) -> str:
+    def _convert(self, found: legacy.LegacyCheckpoint, target: Path) -> str:
         conv = legacy.load_state(found, self.seed)
-        result = self._swap_in(conv.step, conv.state, conv.item_meta, found.path if in_place else None)
+        if self.dest / names.step_dir_name(conv.step) != target:
+            raise RuntimeError(f"{found.path.name} changed since it was planned (step {conv.step} now); "
+                               "run fix again")
+        if os.path.lexists(target):
+            raise RuntimeError(f"{target} appeared meanwhile; run fix again")
+        result = self._swap_in(conv.step, conv.state, conv.item_meta, None)
         return "; ".join([result] + conv.notes)
 
     def _add_items(self, step_dir: Path, step: int, kinds: list[str]) -> str:
@@ -334,6 +398,8 @@ class Fixer:
     # ------------------------------------------------------------------ driver
 
     def run(self, dry_run: bool = False) -> int:
+        if dry_run or self.converting:
+            return self._run(dry_run)      # no lock: a dry run writes nothing; a conversion locks dest
         try:
             release = self._lock()
         except RootBusyError as e:
@@ -362,11 +428,21 @@ class Fixer:
         from . import report as report_mod
 
         before = self.plan()
+        if self.dest_refused is not None:      # a destination the tool would trip over: nothing planned
+            self._say(f"fix: cannot convert into {self.dest}: {self.dest_refused}")
+            return EXIT_USAGE if self.dest_arg is not None else EXIT_CODES[CORRUPT]
         if before.verdict == NOT_A_CHECKPOINT and not self.actions:
             for line in self.cannot or [getattr(before, "reason", "") or f"{self.path}: no checkpoints"]:
                 self._say(f"fix: {line}")
             return EXIT_CODES[NOT_A_CHECKPOINT]
         self._say(f"fix {self.path}")
+        if self.converting:
+            what = (f"{self.source.description}, {len(self.entries)} checkpoint{'s' * (len(self.entries) != 1)}"
+                    if self.source is not None else legacy.LAYOUT_NAMES.get(getattr(before, "layout", ""),
+                                                                          "a checkpoint of another tool"))
+            self._say(f"  source: {what}; read only, nothing in it changes (its tool still resumes from it)")
+            how = "--out" if self.dest_arg is not None else f"default: beside {self.home.name}; --out DIR to choose"
+            self._say(f"  converted steps go to: {self.dest} ({how})")
         for line in self.already:
             self._say(f"  {line}")
         if not self.actions:
@@ -375,7 +451,7 @@ class Fixer:
             self._say("plan:")
             for i, a in enumerate(self.actions, 1):
                 self._say(f"  {i}. {a.what}")
-            if self.backup:
+            if self.backup and not self.converting:
                 self._say(f"  backups go to {self.root / BACKUP_DIR}")
         for line in self.cannot:
             self._say(f"  cannot fix: {line}")
@@ -385,20 +461,44 @@ class Fixer:
             if self.result_path != self.path and not dry_run:
                 return self._verify_result().exit_code
             return before.exit_code
-        failed = 0
-        for i, a in enumerate(self.actions, 1):
+        release = None
+        if self.converting:
             try:
-                self._say(f"  {i}. done: {a.run()}")
-            except Exception as e:  # noqa: BLE001 - report every failure, keep going with the rest
-                failed += 1
-                self._say(f"  {i}. FAILED: {type(e).__name__}: {e}")
+                release = self._open_dest()
+            except RootBusyError as e:
+                self._say(f"fix: {e}; stop the training run first")
+                return EXIT_CODES[CORRUPT]
+            except (StorageError, OSError) as e:
+                self._say(f"fix: cannot write {self.dest}: {e}")
+                return EXIT_CODES[CORRUPT]
+        failed = 0
+        try:
+            for i, a in enumerate(self.actions, 1):
+                try:
+                    self._say(f"  {i}. done: {a.run()}")
+                except Exception as e:  # noqa: BLE001 - report every failure, keep going with the rest
+                    failed += 1
+                    self._say(f"  {i}. FAILED: {type(e).__name__}: {e}")
+        finally:
+            if release is not None:
+                release()
         self._say("")
         self._say("result:")
         after = self._verify_result()
         report_mod.render(after, self.out)
         return max(after.exit_code, 2) if failed else after.exit_code
 
+    def _open_dest(self):
+        """Create the destination root (only now: a plan never writes) and take its lock."""
+        os.makedirs(self.dest, exist_ok=True)
+        self.result_path = self.dest
+        if not stat.S_ISDIR(os.lstat(self.dest).st_mode):
+            raise StorageError(errno.ENOTDIR, "not a directory", str(self.dest))
+        return self.policy.lock()
+
     def _verify_result(self) -> verify.StepReport | verify.RootReport:
+        if self.converting:
+            return verify.check_path(self.result_path, step=self.step)
         return verify.check_path(self.result_path, step=self.step if self.is_root else None)
 
 
@@ -410,8 +510,12 @@ exit codes (the verdict after fixing, as for verify):
   2   CORRUPT / UNCOMMITTED / not a checkpoint / an action failed
   64  usage error
 
-Backups go to <root>/.backup/ unless --no-backup. Running fix twice is safe: the second
-run says "nothing to fix".
+Other tools' checkpoints (Hugging Face Trainer, Accelerate, Lightning, torch.save files, or
+a folder of them) are only read: they are converted into a new root, --out DIR or by
+default <source>.async_ckpt beside the tool's folder, so the tool still resumes from its
+own folder. Backups of what fix changes in a root of ours go to <root>/.backup/ unless
+--no-backup. --dry-run writes nothing. Running fix twice is safe: the second run says
+"nothing to fix".
 """
 
 
@@ -426,7 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "leftovers, re-commit verified steps, convert legacy layouts, add missing RNG "
                             "state, quarantine corrupt steps.",
                 epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="a manager's root, a checkpoint-N directory, or a legacy checkpoint")
+    p.add_argument("path", help="a manager's root, a checkpoint-N directory, another tool's checkpoint "
+                                "or a folder of them")
+    p.add_argument("--out", metavar="DIR",
+                   help="where other tools' checkpoints are converted to (a root of ours; default: "
+                        "<source>.async_ckpt beside the tool's folder, never inside what the tool reads)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     p.add_argument("--no-backup", action="store_true", help="delete instead of moving to <root>/.backup/")
     p.add_argument("--seed", type=int, default=0,
@@ -443,8 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Iterable[str] | None = None) -> int:
     args = build_parser().parse_args(None if argv is None else list(argv))
     from ..storage import is_url
+    if args.out is not None and is_url(args.path):
+        build_parser().error("--out applies to other tools' checkpoints on local paths")
     if is_url(args.path):       # a store without rename: the repairs it allows (tools/fix_store.py)
-        from ..errors import CheckpointError
         from ..storage.kvstore import endpoint_override
         from .fix_store import StoreFixer
         try:
@@ -456,7 +565,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             return EXIT_CODES[CORRUPT]
     try:
         fixer = Fixer(Path(args.path), seed=args.seed, backup=not args.no_backup,
-                      quarantine=args.quarantine, step=args.step)
+                      quarantine=args.quarantine, step=args.step, dest=args.out)
+        if args.out is not None and not fixer.converting:
+            build_parser().error(f"--out applies to other tools' checkpoints; {args.path} is not one")
         return fixer.run(dry_run=args.dry_run)
     except (CheckpointError, OSError, ValueError) as e:   # e.g. a root that cannot be listed
         print(f"fix: {args.path}: {type(e).__name__}: {e}", file=sys.stderr)

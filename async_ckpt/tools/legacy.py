@@ -1,6 +1,6 @@
 """Recognise and read checkpoints written by other tools, without ever running their code.
 
-Three layouts are understood:
+One checkpoint of another tool (:func:`detect`):
 
 * ``hf_trainer`` — a Hugging Face ``Trainer`` ``checkpoint-N`` folder: ``config.json``,
   ``model.safetensors`` / ``pytorch_model.bin`` (or sharded with ``*.index.json``),
@@ -8,20 +8,39 @@ Three layouts are understood:
   ``rng_state_K.pth``, ``trainer_state.json`` and tokenizer files;
 * ``accelerate`` — an Accelerate ``save_state`` folder: ``model.safetensors``,
   ``optimizer.bin``, ``scheduler.bin``, ``sampler.bin``, ``random_states_K.pkl``;
+* ``lightning`` — a PyTorch Lightning ``.ckpt`` file (``state_dict``, ``optimizer_states``,
+  ``lr_schedulers``, ``epoch``, ``global_step``, ``loops``, ``callbacks``);
 * ``torch_file`` — one ``torch.save`` file holding model/optimizer/scheduler keys.
 
-Safety rule: ``.pt/.pth/.bin/.pkl`` files are read only through :func:`safe_torch_load`
+A folder holding several of them (:func:`find_root`): a Trainer output dir
+(``checkpoint-N`` folders, the final model possibly at the top), an Accelerate project dir
+(``checkpoints/checkpoint_N``) or its ``checkpoints`` folder, a folder of ``.ckpt`` files.
+Such a folder belongs to its tool: nothing here, nor in ``fix``, ever writes into it;
+converted steps go into a root of their own (:func:`default_dest`).
+
+The step of each checkpoint comes from the tool's own records (:func:`resolve_step`), and
+the report says which: ``trainer_state.json`` ``global_step``, a Lightning file's
+``global_step``, the scheduler's position (``last_epoch``), Accelerate's saved step; the
+name only when nothing else records it.
+
+A Trainer folder's model gets back the tied names Hugging Face leaves out of its weight
+files (GPT-2's ``lm_head.weight``), as the same array as the weight they are tied to
+(:func:`tied_aliases`), so a converted step restores into a model built with
+``from_config``.
+
+Safety rule: ``.pt/.pth/.bin/.pkl/.ckpt`` files are read only through :func:`safe_torch_load`
 (``torch.load(weights_only=True)`` with a minimal numpy allowlist); safetensors through
 the safetensors package; JSON through :mod:`json`. Nothing here imports ``pickle``.
 ``training_args.bin`` (a pickled Python object by design) is never opened.
 
 Everything here is read-only; ``fix`` turns the result of :func:`load_state` into a
-committed step with ``saving.write_checkpoint``.
+committed step with ``saving.write_state``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -30,13 +49,23 @@ from typing import Any, Callable
 
 from ..errors import FormatError, UnsafeFileError
 from ..format.manifest import ItemEntry
-from ..format.names import COMMIT_NAME, MANIFEST_NAME, parse_step_dir
+from ..format.names import COMMIT_NAME, MANIFEST_NAME, parse_step_dir, step_of_any
 
 HF_TRAINER = "hf_trainer"
 ACCELERATE = "accelerate"
+LIGHTNING = "lightning"
 TORCH_FILE = "torch_file"
 LAYOUT_NAMES = {HF_TRAINER: "Hugging Face Trainer checkpoint", ACCELERATE: "Accelerate save_state folder",
-                TORCH_FILE: "single torch.save file"}
+                LIGHTNING: "Lightning checkpoint file", TORCH_FILE: "single torch.save file"}
+
+# Folders holding several checkpoints of a tool (find_root).
+HF_OUTPUT = "hf_output_dir"
+ACCELERATE_PROJECT = "accelerate_project"
+LIGHTNING_DIR = "lightning_dir"
+MIXED_DIR = "legacy_dir"
+ROOT_NAMES = {HF_OUTPUT: "Hugging Face Trainer output dir", ACCELERATE_PROJECT: "Accelerate project dir",
+              LIGHTNING_DIR: "folder of Lightning checkpoints", MIXED_DIR: "folder of other tools' checkpoints"}
+DEST_SUFFIX = ".async_ckpt"
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
@@ -50,17 +79,21 @@ NEVER_LOADED = ("training_args.bin",)   # a pickled TrainingArguments object: co
 _RNG_HF = re.compile(r"^rng_state(?:_(\d+))?\.pth$")
 _RNG_ACC = re.compile(r"^random_states_(\d+)\.pkl$")
 _TRAILING_INT = re.compile(r"(\d+)(?:\.[A-Za-z]+)?$")
+_ACC_DIR = re.compile(r"checkpoint_(\d{1,19})")          # Accelerate's automatic checkpoint naming
+_LIGHTNING_KEYS = ("pytorch-lightning_version", "optimizer_states", "lr_schedulers", "loops")
 
 # Keys a single torch.save file conventionally uses for each component.
 _FILE_KEYS = {
     "model": ("model", "model_state_dict", "state_dict", "module", "net"),
-    "optimizer": ("optimizer", "optimizer_state_dict", "optim", "opt"),
-    "scheduler": ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_scheduler_state_dict", "sched"),
+    "optimizer": ("optimizer", "optimizer_state_dict", "optim", "opt", "optimizer_states"),
+    "scheduler": ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_scheduler_state_dict", "sched",
+                  "lr_schedulers"),
     "scaler": ("scaler", "grad_scaler", "scaler_state_dict"),
     "rng": ("rng", "rng_state", "rng_states", "random_states"),
     "data": ("sampler", "data", "dataloader", "data_state"),
 }
 _PROGRESS_KEYS = ("step", "global_step", "epoch", "iteration", "iter", "loss", "best_loss", "best_metric")
+_STEP_KEYS = ("global_step", "step", "iteration", "iter")
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -209,6 +242,9 @@ class LegacyCheckpoint:
     ``components`` maps a kind (``model``, ``optimizer``, ``scheduler``, ``progress``,
     ``rng``, ``config``, ``tokenizer``, ``data``, ``scaler``, ``other``) to file names
     relative to ``path`` (for a single file: the keys inside it, filled by :func:`check`).
+    ``step`` is the name's number until :func:`resolve_step` (run by :func:`check` and
+    :func:`load_state`) reads the tool's own records; ``step_source`` then says where it
+    came from.
     """
 
     path: Path
@@ -217,6 +253,7 @@ class LegacyCheckpoint:
     components: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     unreadable: dict[str, str] = field(default_factory=dict)    # file → why (found while detecting)
+    step_source: str = ""
 
     @property
     def description(self) -> str:
@@ -238,7 +275,8 @@ def detect(path: Path) -> LegacyCheckpoint | None:
         return None
     if path.is_file():
         if path.suffix.lower() in TORCH_SUFFIXES and path.name not in NEVER_LOADED:
-            return LegacyCheckpoint(path, TORCH_FILE, _step_from_name(path.stem))
+            layout = LIGHTNING if path.suffix.lower() == ".ckpt" else TORCH_FILE   # check() reads the keys
+            return LegacyCheckpoint(path, layout, _step_from_name(path.stem))
         return None
     if not path.is_dir():
         return None
@@ -287,6 +325,158 @@ def detect(path: Path) -> LegacyCheckpoint | None:
     return ckpt
 
 
+# ----------------------------------------------------------------------------- folders of several checkpoints
+
+@dataclass
+class LegacyRoot:
+    """A folder another tool keeps several checkpoints in (never written to by this package).
+
+    ``entries``: the checkpoints, as paths (folders or ``.ckpt`` files), in name order.
+    ``ours``: names of entries in our layout found there (left alone). ``home``: the folder
+    the default destination is named after (an Accelerate ``checkpoints`` folder's project
+    dir, else ``path``). ``listed``: folders the tool itself lists, where nothing may be added.
+    """
+
+    path: Path
+    layout: str
+    entries: list[Path]
+    home: Path
+    listed: list[Path]
+    ours: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        return ROOT_NAMES[self.layout]
+
+    def name_of(self, entry: Path) -> str:
+        """An entry's name relative to the folder (``checkpoint-500``, ``checkpoints/checkpoint_3``)."""
+        return str(Path(os.path.abspath(entry)).relative_to(os.path.abspath(self.path)))
+
+
+def _is_ours_dir(path: Path) -> bool:
+    return os.path.lexists(path / MANIFEST_NAME) or os.path.lexists(path / COMMIT_NAME)
+
+
+def _scan(folder: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(layout, path) of every checkpoint of another tool directly inside ``folder``, and the
+    names of entries in our layout. Symlinks are never followed nor counted."""
+    found: list[tuple[str, Path]] = []
+    ours: list[str] = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return [], []
+    for e in entries:
+        p = Path(e.path)
+        if e.is_symlink():
+            continue
+        if e.is_file(follow_symlinks=False):
+            if e.name.endswith(".ckpt"):
+                found.append((LIGHTNING, p))
+            continue
+        if not e.is_dir(follow_symlinks=False):
+            continue
+        if parse_step_dir(e.name) is not None or _ACC_DIR.fullmatch(e.name):
+            if _is_ours_dir(p):
+                ours.append(e.name)
+                continue
+            ck = detect(p)
+            if ck is not None:
+                found.append((ck.layout, p))
+        elif step_of_any(e.name) is not None:
+            ours.append(e.name)          # a crashed save's tmp folder or a quarantined step of ours
+    return found, ours
+
+
+def find_root(path: Path) -> LegacyRoot | None:
+    """The folder at ``path`` when it holds checkpoints of other tools (see the module doc),
+    whatever else is at its top (a Trainer's final ``save_model`` output, logs); else None."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or _is_ours_dir(path):
+        return None
+    found, ours = _scan(path)
+    listed = [path]
+    accelerate_dir = path / "checkpoints"
+    nested: list[tuple[str, Path]] = []
+    if accelerate_dir.is_dir() and not accelerate_dir.is_symlink():
+        nested = [(lay, p) for lay, p in _scan(accelerate_dir)[0] if _ACC_DIR.fullmatch(p.name)]
+    if nested:
+        listed.append(accelerate_dir)
+        found += nested
+    if not found:
+        return None
+    layouts = {lay for lay, _ in found}
+    if nested and layouts <= {ACCELERATE, HF_TRAINER}:
+        layout = ACCELERATE_PROJECT
+    elif layouts == {LIGHTNING}:
+        layout = LIGHTNING_DIR
+    elif layouts == {HF_TRAINER} and all(parse_step_dir(p.name) is not None for _, p in found):
+        layout = HF_OUTPUT
+    elif all(_ACC_DIR.fullmatch(p.name) for _, p in found):
+        layout = ACCELERATE_PROJECT
+    else:
+        layout = MIXED_DIR
+    home = path
+    if layout == ACCELERATE_PROJECT and not nested and path.name == "checkpoints":
+        home = path.parent         # Accelerate's own checkpoints folder: name the project
+    root = LegacyRoot(path, layout, sorted((p for _, p in found), key=lambda p: str(p)), home, listed, ours)
+    top = detect(path)
+    if top is not None and "model" in top.components:
+        weights = ", ".join(n for n in top.components["model"] if not n.endswith(".json"))
+        root.notes.append(f"{weights} at the top: a final model (save_model), not a training checkpoint; "
+                          "left as it is (from_pretrained reads it)")
+    if ours:
+        root.notes.append(f"{', '.join(ours)}: in our layout inside another tool's folder; fix leaves "
+                          "them alone (it never writes into another tool's folder)")
+    return root
+
+
+def root_of(path: Path) -> LegacyRoot | None:
+    """The folder of other tools' checkpoints that lists the checkpoint ``path``, if any."""
+    path = Path(os.path.abspath(path))
+    root = find_root(path.parent)
+    if root is not None and path in [Path(os.path.abspath(p)) for p in root.entries]:
+        return root
+    return None
+
+
+def default_dest(home: Path) -> Path:
+    """Where ``fix`` converts the checkpoints of ``home`` (a tool's folder or one checkpoint)
+    by default: a new root beside it, ``<home>.async_ckpt``; never inside it."""
+    home = Path(os.path.abspath(home))
+    return home.parent / (home.name + DEST_SUFFIX)
+
+
+def dest_problem(dest: Path, entries: list[Path], listed: list[Path], folder: Path | None = None) -> str | None:
+    """Why ``dest`` may not receive the steps converted from ``entries`` (checkpoints of
+    another tool, in ``folder``), or None. It must not be ``folder`` itself, lie inside a
+    checkpoint, or be a name the tool lists in one of the ``listed`` folders (``checkpoint-*``
+    in a Trainer output dir, anything in Accelerate's ``checkpoints``, ``*.ckpt``), and it
+    must not hold another tool's checkpoints."""
+    dest = Path(os.path.abspath(dest))
+    if folder is not None and dest == Path(os.path.abspath(folder)):
+        return f"{dest} is the source folder itself"
+    for src in entries:
+        src = Path(os.path.abspath(src))
+        if dest == src or src in dest.parents:
+            return f"{dest} is {'the source' if dest == src else 'inside the source'} {src}"
+    for tool_dir in listed:
+        tool_dir = Path(os.path.abspath(tool_dir))
+        if dest == tool_dir:
+            return f"{dest} is the folder the source tool keeps its checkpoints in"
+        if tool_dir in dest.parents:
+            first = dest.relative_to(tool_dir).parts[0]
+            if first.startswith("checkpoint") or first.endswith(".ckpt") or tool_dir.name == "checkpoints":
+                return (f"{dest} is inside {tool_dir} under a name the source tool lists as one of its "
+                        "checkpoints (it would pick, rotate or trip over it); choose a folder outside it")
+    if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir()):
+        return f"{dest} exists and is not a directory"
+    if dest.is_dir() and (find_root(dest) is not None or detect(dest) is not None):
+        return f"{dest} holds checkpoints of another tool"
+    return None
+
+
 # ----------------------------------------------------------------------------- checking
 
 @dataclass
@@ -296,8 +486,18 @@ class FileProblem:
     message: str
 
 
+def _empty(value: Any) -> bool:
+    return isinstance(value, (list, tuple, dict)) and not value
+
+
+def _is_lightning(obj: Any) -> bool:
+    return isinstance(obj, dict) and "state_dict" in obj and any(k in obj for k in _LIGHTNING_KEYS)
+
+
 def _classify_file_keys(obj: Any) -> dict[str, list[str]]:
-    """Which components a single torch.save file's top-level dict holds."""
+    """Which components a single torch.save file's top-level dict holds (an empty
+    ``optimizer_states`` / ``lr_schedulers`` list, as Lightning writes without an
+    optimizer, holds none)."""
     comps: dict[str, list[str]] = {}
     if not isinstance(obj, dict):
         return {"other": ["<object>"]}
@@ -308,7 +508,7 @@ def _classify_file_keys(obj: Any) -> dict[str, list[str]]:
     used: set = set()
     for kind, keys in _FILE_KEYS.items():
         for k in keys:
-            if k in obj and k not in used:
+            if k in obj and k not in used and not (kind != "model" and _empty(obj[k])):
                 comps.setdefault(kind, []).append(k)
                 used.add(k)
     progress = [k for k in _PROGRESS_KEYS if k in obj]
@@ -324,19 +524,20 @@ def _classify_file_keys(obj: Any) -> dict[str, list[str]]:
 def check(ckpt: LegacyCheckpoint, quick: bool = False) -> list[FileProblem]:
     """Read every file of ``ckpt`` the safe way and report what cannot be read.
 
-    For a single torch file this also fills ``ckpt.components`` from its keys.
+    For a single torch file this also fills ``ckpt.components`` from its keys and tells a
+    Lightning checkpoint from another ``torch.save`` file. Resolves the step from the
+    tool's own records (:func:`resolve_step`).
     """
     problems: list[FileProblem] = []
-    if ckpt.layout == TORCH_FILE:
+    if ckpt.layout in (TORCH_FILE, LIGHTNING):
         try:
             obj = check_torch_file(ckpt.path, quick)
         except UnsafeFileError as e:
             problems.append(FileProblem(ckpt.path.name, "model", str(e)))
             return problems
+        ckpt.layout = LIGHTNING if _is_lightning(obj) else TORCH_FILE
         ckpt.components = _classify_file_keys(obj)
-        if ckpt.step is None or not _TRAILING_INT.search(ckpt.path.stem):
-            step = _file_step(obj)
-            ckpt.step = step if step is not None else ckpt.step
+        resolve_step(ckpt, obj)
         return problems
     for shard in ckpt.components.get("missing_shards", []):
         problems.append(FileProblem(shard, "model", f"{shard}: listed in the index but missing"))
@@ -359,6 +560,7 @@ def check(ckpt: LegacyCheckpoint, quick: bool = False) -> list[FileProblem]:
                     check_torch_file(p, quick)
             except UnsafeFileError as e:
                 problems.append(FileProblem(name, kind, str(e)))
+    resolve_step(ckpt)
     return problems
 
 
@@ -372,13 +574,90 @@ def check_trainer_state(ts: Any) -> None:
         raise UnsafeFileError(f"trainer_state.json: nests deeper than {MAX_DEPTH - 8} levels")
 
 
-def _file_step(obj: Any) -> int | None:
-    if isinstance(obj, dict):
-        for k in ("global_step", "step", "iteration", "iter"):
-            v = obj.get(k)
-            if type(v) is int and v >= 0:
-                return v
-    return None
+def _count(value: Any) -> int | None:
+    """A step count: a non-negative int (never a bool, a float or a string)."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def _scheduler_position(sched: Any) -> int | None:
+    """``last_epoch`` of a scheduler state dict (or of the first in a list): how many times
+    ``scheduler.step()`` ran, i.e. optimizer steps for a per-step schedule."""
+    if isinstance(sched, (list, tuple)) and sched:
+        sched = sched[0]
+    return _count(sched.get("last_epoch")) if isinstance(sched, dict) else None
+
+
+def _file_step(obj: Any, name: str) -> tuple[int | None, str]:
+    """The step a torch.save / Lightning file records, and where it came from."""
+    if not isinstance(obj, dict):
+        return None, ""
+    for k in _STEP_KEYS:
+        if _count(obj.get(k)) is not None:
+            return obj[k], f"{name}[{k!r}]"
+    for k in _FILE_KEYS["scheduler"]:
+        pos = _scheduler_position(obj.get(k))
+        if pos is not None:
+            return pos, f"{name}[{k!r}] last_epoch (the scheduler's position)"
+    return None, ""
+
+
+def _name_step(name: str, what: str) -> tuple[int | None, str]:
+    step = _step_from_name(name)
+    return (step, f"the {what} name") if step is not None else (None, "")
+
+
+def _records_step(ckpt: LegacyCheckpoint, obj: Any) -> tuple[int, str]:
+    name = ckpt.path.name
+    if ckpt.layout in (TORCH_FILE, LIGHTNING):
+        step, source = _file_step(obj, name)
+        if step is None:
+            step, source = _name_step(ckpt.path.stem, "file")
+        if step is None and isinstance(obj, dict) and _count(obj.get("epoch")) is not None:
+            step, source = obj["epoch"], f"{name}['epoch'] (no step recorded: the epoch stands in)"
+        return (step, source) if step is not None else (0, "no step recorded anywhere: 0")
+    if ckpt.layout == HF_TRAINER and "trainer_state.json" in ckpt.components.get("progress", []):
+        try:
+            ts = read_json(ckpt.path / "trainer_state.json")
+        except UnsafeFileError:
+            ts = None             # check() reports it
+        gs = _count(ts.get("global_step")) if isinstance(ts, dict) else None
+        if gs is not None:
+            named = _step_from_name(name)
+            also = f" (the folder name says {named})" if named is not None and named != gs else ""
+            return gs, f"trainer_state.json global_step{also}"
+    if ckpt.layout == ACCELERATE:
+        for fname in ckpt.components.get("scheduler", [])[:1]:
+            try:
+                pos = _scheduler_position(safe_torch_load(ckpt.path / fname))
+            except UnsafeFileError:
+                pos = None
+            if pos is not None:
+                return pos, f"{fname} last_epoch (the scheduler's position)"
+        rng_files = sorted(n for n in ckpt.components.get("rng", []) if _RNG_ACC.match(n))
+        for fname in rng_files[:1]:
+            try:
+                states = safe_torch_load(ckpt.path / fname)
+            except UnsafeFileError:
+                states = None
+            saved = _count(states.get("step")) if isinstance(states, dict) else None
+            if saved:      # accelerator.step: 0 unless gradient accumulation counted it
+                return saved, f"{fname} step (accelerator.step)"
+        step, _ = _name_step(name, "folder")
+        if step is not None:
+            return step, (f"the folder name ({name}: Accelerate's save counter, not a training step; "
+                          "nothing else records the step)")
+        return 0, "no step recorded anywhere: 0"
+    step, source = _name_step(name, "folder")
+    return (step, source) if step is not None else (0, "no step recorded anywhere: 0")
+
+
+def resolve_step(ckpt: LegacyCheckpoint, obj: Any = None) -> None:
+    """Set ``ckpt.step`` from the tool's own records and ``ckpt.step_source`` to where it
+    came from. Order: a Trainer's ``trainer_state.json`` ``global_step``; a file's
+    ``global_step``/``step``/``iteration``, then its scheduler's ``last_epoch``, its name,
+    its ``epoch``; an Accelerate folder's scheduler position, then ``accelerator.step``,
+    then the folder's save counter; else the name; else 0. ``obj``: a file's loaded dict."""
+    ckpt.step, ckpt.step_source = _records_step(ckpt, obj)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -391,6 +670,7 @@ class Conversion:
     state: dict[str, Any]
     item_meta: dict[str, ItemEntry]
     notes: list[str]
+    step_source: str = ""
 
 
 def _rng_from_any(obj: Any) -> tuple[dict[str, Any] | None, list[str]]:
@@ -443,7 +723,7 @@ def _progress_from_trainer_state(ts: Any, step: int) -> tuple[dict[str, Any], li
     if type(gs) is int:
         progress["global_step"] = gs
         if gs != step:
-            notes.append(f"trainer_state.json says global_step {gs}, the folder says {step}")
+            notes.append(f"trainer_state.json says global_step {gs}; the step is {step}")
     epoch = _float(ts.get("epoch"))
     if epoch is not None:
         progress["epoch"] = epoch
@@ -452,7 +732,6 @@ def _progress_from_trainer_state(ts: Any, step: int) -> tuple[dict[str, Any], li
         progress["loss_history"] = [[e.get("step") if type(e.get("step")) is int else None, loss]
                                     for e in history if isinstance(e, dict)
                                     and (loss := _float(e.get("loss"))) is not None]
-    progress["trainer_state"] = ts
     return progress, notes
 
 
@@ -476,89 +755,51 @@ def _load_model_files(ckpt: LegacyCheckpoint) -> dict[str, Any]:
     return weights
 
 
-def load_state(ckpt: LegacyCheckpoint, seed: int,
-               derive_rng: Callable[[int, int], dict[str, Any]] | None = None) -> Conversion:
-    """Everything readable in ``ckpt`` as a manager-style state mapping.
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_WEIGHT_NAME = re.compile(r"[A-Za-z0-9_.]{1,512}")
 
-    Items: ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``progress``, ``rng``,
-    ``config`` (file name → text), ``tokenizer`` (file name → bytes), ``data``. RNG
-    streams that are missing are derived from (seed, step) and marked reconstructed;
-    a missing ``trainer_state.json`` leaves a progress item with the step only, also
-    marked reconstructed. Raises UnsafeFileError when a needed file is unreadable.
-    """
-    if derive_rng is None:
-        from ..rng import derived as derive_rng
-    notes: list[str] = []
-    state: dict[str, Any] = {}
-    meta: dict[str, ItemEntry] = {}
-    src = ckpt.path.name
 
-    if ckpt.layout == TORCH_FILE:
-        obj = safe_torch_load(ckpt.path)
-        comps = _classify_file_keys(obj)
-        step = ckpt.step if ckpt.step is not None else (_file_step(obj) or 0)
-        if "<state_dict>" in comps.get("model", []):
-            obj = {"model": obj}
-            comps = {"model": ["model"]}
-        for kind in ("model", "optimizer", "scheduler", "scaler", "data"):
-            if kind in comps:
-                key = comps[kind][0]
-                state[kind] = obj[key]
-                meta[kind] = ItemEntry(kind, f"{src}[{key!r}]")
-        progress = {"step": step}
-        for k in comps.get("progress", []):
-            progress[k] = obj[k]
-        state["progress"] = progress
-        meta["progress"] = ItemEntry("progress", f"{src} (step keys)",
-                                     reconstructed=not comps.get("progress"))
-        rng_obj = obj[comps["rng"][0]] if "rng" in comps else None
-        for k in comps.get("other", []):
-            if k in obj:
-                state.setdefault("extra", {})[k] = obj[k]
-        if "extra" in state:
-            meta["extra"] = ItemEntry("other", f"{src} (other keys)")
-    else:
-        step = ckpt.step if ckpt.step is not None else 0
-        comps = ckpt.components
-        if comps.get("missing_shards"):
-            raise UnsafeFileError(f"model shards missing: {', '.join(comps['missing_shards'])}")
-        if "model" in comps:
-            state["model"] = _load_model_files(ckpt)
-            meta["model"] = ItemEntry("model", f"{src}/{', '.join(comps['model'])}")
-        for kind in ("optimizer", "scheduler", "scaler", "data"):
-            files = comps.get(kind, [])
-            if files:
-                state[kind] = safe_torch_load(ckpt.path / files[0])
-                meta[kind] = ItemEntry(kind, f"{src}/{files[0]}")
-                if len(files) > 1:
-                    notes.append(f"{kind}: {len(files)} files, converted {files[0]} only "
-                                 f"(one {kind} per state mapping)")
-        if "progress" in comps:
-            ts = read_json(ckpt.path / "trainer_state.json")
-            check_trainer_state(ts)
-            state["progress"], more = _progress_from_trainer_state(ts, step)
-            notes += more
-            meta["progress"] = ItemEntry("progress", f"{src}/trainer_state.json")
-        else:
-            state["progress"] = {"step": step}
-            meta["progress"] = ItemEntry("progress", "step from the folder name", reconstructed=True)
-            notes.append(f"training state: step {step} from the name; epoch and loss history are lost")
-        if "config" in comps:
-            state["config"] = {n: _text(ckpt.path / n) for n in comps["config"]}
-            meta["config"] = ItemEntry("config", f"{src}/{', '.join(comps['config'])}")
-        if "tokenizer" in comps:
-            state["tokenizer"] = {n: read_file(ckpt.path / n) for n in comps["tokenizer"]}
-            meta["tokenizer"] = ItemEntry("tokenizer", f"{src} tokenizer files")
-        for name in comps.get("other", []):
-            state.setdefault("extra", {})[name] = safe_torch_load(ckpt.path / name)
-            meta["extra"] = ItemEntry("other", f"{src} custom checkpoints")
-        rng_files = sorted(comps.get("rng", []), key=lambda n: int(re.sub(r"\D", "", n) or 0))
-        rng_obj = safe_torch_load(ckpt.path / rng_files[0]) if rng_files else None
-        if len(rng_files) > 1:
-            notes.append(f"RNG: {len(rng_files)} per-process files, kept {rng_files[0]} (process 0)")
-        for skipped in ckpt.skipped:
-            notes.append(f"{skipped}: not converted (a pickled Python object, never loaded)")
+def tied_aliases(config: Any, weights: dict[str, Any]) -> tuple[dict[str, str], str]:
+    """The weights a transformers model ties to another and Hugging Face therefore leaves out
+    of its weight files (GPT-2: ``lm_head.weight`` is ``transformer.wte.weight``), among the
+    names ``weights`` lacks: ``{alias: stored name}``, and a note when none could be looked up.
 
+    Read from the class attribute ``_tied_weights_keys`` of the architecture ``config.json``
+    names, looked up in the installed transformers package only (no model is built, no code
+    from the checkpoint runs); a config with ``tie_word_embeddings: false`` ties nothing."""
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if not (isinstance(archs, list) and archs and isinstance(archs[0], str) and _IDENT.fullmatch(archs[0])):
+        return {}, ""
+    if config.get("tie_word_embeddings") is False:
+        return {}, ""
+    try:
+        import transformers
+
+        cls = getattr(transformers, archs[0], None)
+        base = transformers.PreTrainedModel
+    except Exception:  # noqa: BLE001 - not installed, or a broken install: nothing to look up
+        return {}, (f"tied weights of {archs[0]} not looked up (transformers is not importable): "
+                    "restore into model.state_dict() rather than the model")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        return {}, f"{archs[0]} is not a transformers model class: no tied weights added"
+    keys = getattr(cls, "_tied_weights_keys", None)
+    out: dict[str, str] = {}
+    if isinstance(keys, dict):
+        for alias, stored in keys.items():
+            if (isinstance(alias, str) and isinstance(stored, str) and _WEIGHT_NAME.fullmatch(alias)
+                    and _WEIGHT_NAME.fullmatch(stored) and alias not in weights and stored in weights):
+                out[alias] = stored
+    return out, ""
+
+
+def _one_or_list(values: list[Any]) -> Any:
+    """Lightning keeps optimizers and schedulers in lists: one becomes the item itself (so
+    ``restore({"optimizer": opt})`` works), several stay a list (``[opt_a, opt_b]``)."""
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _finish_rng(state: dict[str, Any], meta: dict[str, ItemEntry], notes: list[str], rng_obj: Any,
+                seed: int, step: int, derive_rng: Callable[[int, int], dict[str, Any]]) -> None:
     rng, missing = _rng_from_any(rng_obj) if rng_obj is not None else (None, ["python", "numpy", "torch"])
     if rng is None or missing:
         derived = derive_rng(seed, step)
@@ -570,4 +811,156 @@ def load_state(ckpt: LegacyCheckpoint, seed: int,
     state["rng"] = rng
     meta["rng"] = ItemEntry("rng", "RNG states" if not missing else f"derived from seed {seed}",
                             reconstructed=bool(missing))
-    return Conversion(step, state, meta, notes)
+
+
+def _load_file(ckpt: LegacyCheckpoint, state: dict[str, Any], meta: dict[str, ItemEntry],
+               notes: list[str]) -> Any:
+    """A torch.save or Lightning file's items; returns its RNG object (or None)."""
+    src = ckpt.path.name
+    obj = safe_torch_load(ckpt.path)
+    resolve_step(ckpt, obj)
+    step = ckpt.step
+    if _is_lightning(obj):
+        ckpt.layout = LIGHTNING
+        state["model"] = obj["state_dict"]
+        meta["model"] = ItemEntry("model", f"{src}['state_dict']")
+        for key, item in (("optimizer_states", "optimizer"), ("lr_schedulers", "scheduler")):
+            values = obj.get(key)
+            if isinstance(values, (list, tuple)) and values:
+                state[item] = _one_or_list(list(values))
+                meta[item] = ItemEntry(item, f"{src}[{key!r}]" + ("[0]" if len(values) == 1 else ""))
+                if len(values) > 1:
+                    notes.append(f"{item}: {len(values)} in {key}, kept as a list (restore into a list of "
+                                 f"{len(values)}, in the order configure_optimizers returns them)")
+        progress = {"step": step}
+        for k in ("global_step", "epoch"):
+            if _count(obj.get(k)) is not None:
+                progress[k] = obj[k]
+        state["progress"] = progress
+        meta["progress"] = ItemEntry("progress", f"{src} global_step/epoch; step from {ckpt.step_source}",
+                                     reconstructed="global_step" not in progress)
+        rest = {k: v for k, v in obj.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers")}
+        if rest:
+            state["lightning"] = rest
+            meta["lightning"] = ItemEntry("other", f"{src}: loops, callbacks, hyper-parameters, version")
+        notes.append("RNG: Lightning checkpoints hold no RNG state")
+        return None
+    comps = _classify_file_keys(obj)
+    if "<state_dict>" in comps.get("model", []):
+        obj = {"model": obj}
+        comps = {"model": ["model"]}
+    for kind in ("model", "optimizer", "scheduler", "scaler", "data"):
+        if kind in comps:
+            key = comps[kind][0]
+            state[kind] = obj[key]
+            meta[kind] = ItemEntry(kind, f"{src}[{key!r}]")
+    progress = {"step": step}
+    for k in comps.get("progress", []):
+        progress[k] = obj[k]
+    state["progress"] = progress
+    meta["progress"] = ItemEntry("progress", f"{src} (step keys); step from {ckpt.step_source}",
+                                 reconstructed=not comps.get("progress"))
+    for k in comps.get("other", []):
+        if k in obj:
+            state.setdefault("extra", {})[k] = obj[k]
+    if "extra" in state:
+        meta["extra"] = ItemEntry("other", f"{src} (other keys)")
+    return obj[comps["rng"][0]] if "rng" in comps else None
+
+
+def _load_folder(ckpt: LegacyCheckpoint, state: dict[str, Any], meta: dict[str, ItemEntry],
+                 notes: list[str]) -> Any:
+    """A Trainer or Accelerate folder's items; returns its RNG object (or None)."""
+    src = ckpt.path.name
+    comps = ckpt.components
+    if comps.get("missing_shards"):
+        raise UnsafeFileError(f"model shards missing: {', '.join(comps['missing_shards'])}")
+    if not ckpt.step_source:
+        resolve_step(ckpt)
+    step = ckpt.step if ckpt.step is not None else 0
+    if "model" in comps:
+        weights = _load_model_files(ckpt)
+        meta_src = f"{src}/{', '.join(comps['model'])}"
+        if "config.json" in comps.get("config", []):
+            aliases, why = tied_aliases(read_json(ckpt.path / "config.json"), weights)
+            for alias, stored in aliases.items():
+                weights[alias] = weights[stored]       # one tensor under both names: stored once
+            if aliases:
+                tied = ", ".join(f"{a} = {s}" for a, s in aliases.items())
+                meta_src += f" (+ tied: {tied})"
+                notes.append(f"model: tied weights added under their second name ({tied}; the Trainer stores "
+                             "them once), so the step restores into a model built with from_config")
+            if why:
+                notes.append(why)
+        state["model"] = weights
+        meta["model"] = ItemEntry("model", meta_src)
+    for kind in ("optimizer", "scheduler", "scaler", "data"):
+        files = comps.get(kind, [])
+        if files:
+            state[kind] = safe_torch_load(ckpt.path / files[0])
+            meta[kind] = ItemEntry(kind, f"{src}/{files[0]}")
+            if len(files) > 1:
+                notes.append(f"{kind}: {len(files)} files, converted {files[0]} only "
+                             f"(one {kind} per state mapping)")
+    if "progress" in comps:
+        ts = read_json(ckpt.path / "trainer_state.json")
+        check_trainer_state(ts)
+        state["progress"], more = _progress_from_trainer_state(ts, step)
+        notes += more
+        meta["progress"] = ItemEntry("progress", f"{src}/trainer_state.json; step from {ckpt.step_source}")
+        state["trainer_state"] = ts
+        meta["trainer_state"] = ItemEntry("progress", f"{src}/trainer_state.json")
+    else:
+        state["progress"] = {"step": step}
+        meta["progress"] = ItemEntry("progress", f"step {step} from {ckpt.step_source}", reconstructed=True)
+        what = "Accelerate saves none" if ckpt.layout == ACCELERATE else "no trainer_state.json"
+        notes.append(f"training state: only the step, {step} from {ckpt.step_source}; epoch and loss "
+                     f"history are not known ({what}): marked reconstructed")
+    if "config" in comps:
+        state["config"] = {n: _text(ckpt.path / n) for n in comps["config"]}
+        meta["config"] = ItemEntry("config", f"{src}/{', '.join(comps['config'])}")
+    if "tokenizer" in comps:
+        state["tokenizer"] = {n: read_file(ckpt.path / n) for n in comps["tokenizer"]}
+        meta["tokenizer"] = ItemEntry("tokenizer", f"{src} tokenizer files")
+    for name in comps.get("other", []):
+        state.setdefault("extra", {})[name] = safe_torch_load(ckpt.path / name)
+        meta["extra"] = ItemEntry("other", f"{src} custom checkpoints")
+    rng_files = sorted(comps.get("rng", []), key=lambda n: int(re.sub(r"\D", "", n) or 0))
+    if len(rng_files) > 1:
+        notes.append(f"RNG: {len(rng_files)} per-process files, kept {rng_files[0]} (process 0)")
+    for skipped in ckpt.skipped:
+        notes.append(f"{skipped}: not converted (a pickled Python object, never loaded)")
+    if ckpt.layout == HF_TRAINER and "trainer_state" in state:
+        # What AsyncCheckpointTrainer reads to resume (async_ckpt.integrations.hf).
+        state["integration"] = {"framework": "transformers", "source": f"{LAYOUT_NAMES[HF_TRAINER]} {src}",
+                                "items": sorted(set(state) | {"integration", "rng"})}
+        meta["integration"] = ItemEntry("other", f"converted from {src}")
+    return safe_torch_load(ckpt.path / rng_files[0]) if rng_files else None
+
+
+def load_state(ckpt: LegacyCheckpoint, seed: int,
+               derive_rng: Callable[[int, int], dict[str, Any]] | None = None) -> Conversion:
+    """Everything readable in ``ckpt`` as a manager-style state mapping.
+
+    Items: ``model``, ``optimizer``, ``scheduler``, ``scaler``, ``progress``, ``rng``,
+    ``config`` (file name → text), ``tokenizer`` (file name → bytes), ``data``; from a
+    Trainer folder also ``trainer_state`` and ``integration`` (so ``AsyncCheckpointTrainer``
+    resumes from the step), from a Lightning file ``lightning`` (its other keys). The model
+    of a Trainer folder gets the tied names Hugging Face leaves out (:func:`tied_aliases`).
+    The step comes from the tool's records (:func:`resolve_step`, unless ``ckpt.step_source``
+    is already set). RNG streams that are missing are derived from (seed, step) and marked
+    reconstructed; a progress item holding only the step is marked reconstructed too.
+    Raises UnsafeFileError when a needed file is unreadable.
+    """
+    if derive_rng is None:
+        from ..rng import derived as derive_rng
+    notes: list[str] = []
+    state: dict[str, Any] = {}
+    meta: dict[str, ItemEntry] = {}
+    if ckpt.layout in (TORCH_FILE, LIGHTNING):
+        rng_obj = _load_file(ckpt, state, meta, notes)
+    else:
+        rng_obj = _load_folder(ckpt, state, meta, notes)
+    step = ckpt.step if ckpt.step is not None else 0
+    _finish_rng(state, meta, notes, rng_obj, seed, step, derive_rng)
+    return Conversion(step, state, meta, notes, ckpt.step_source)

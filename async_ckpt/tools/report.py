@@ -135,6 +135,8 @@ def render_step(rep: Any, out: TextIO, *, verbose: bool = False, sym: Symbols = 
     w(f"  {rep.verdict} {sym.dash} {headline}")
     for m in rep.missing:
         w(f"    - {m}")
+    for m in getattr(rep, "reconstructed", []):
+        w(f"    - {m}")
     for p in rep.problems:
         w(f"    - {p}")
     if rep.bad_chunks:
@@ -167,14 +169,27 @@ def _render_verbose(rep: Any, w: Any, sym: Symbols) -> None:
           f"(ratio {ratio}); {dtypes}")
 
 
+ROOT_NAMES = {
+    "hf_output_dir": "Hugging Face Trainer output dir",
+    "accelerate_project": "Accelerate project dir",
+    "lightning_dir": "folder of Lightning checkpoints",
+    "legacy_dir": "folder of other tools' checkpoints",
+}
+
+
 def render_root(rep: Any, out: TextIO, *, verbose: bool = False, sym: Symbols = EMOJI) -> None:
     steps = [r for r in rep.steps if r.layout != "leftover"]
     leftovers = len(rep.steps) - len(steps)
-    out.write(f"root {rep.path}: {len(steps)} step{'s' * (len(steps) != 1)}"
+    theirs = getattr(rep, "layout", "async_ckpt") != "async_ckpt"
+    what = "checkpoint" if theirs else "step"
+    head = f"{ROOT_NAMES.get(rep.layout, rep.layout)} {rep.path}" if theirs else f"root {rep.path}"
+    out.write(f"{head}: {len(steps)} {what}{'s' * (len(steps) != 1)}"
               + (f", {leftovers} leftover{'s' * (leftovers != 1)}" if leftovers else "")
               + (f", {len(rep.quarantined)} quarantined" if rep.quarantined else "") + "\n")
     if rep.restore_step is not None:
         out.write(f"restore would pick step {rep.restore_step} (the newest committed step)\n")
+    elif theirs:
+        out.write("in their tool's own layout: fix converts them into a new root (see the notes)\n")
     else:
         out.write("restore would pick nothing: no committed step\n")
     for r in rep.steps:
@@ -191,9 +206,14 @@ def render_root(rep: Any, out: TextIO, *, verbose: bool = False, sym: Symbols = 
     if rep.passed_over:
         listed = ", ".join(f"{p.step} ({p.verdict})" for p in rep.passed_over)
         skipped = f" (passes over newer step{'s' * (len(rep.passed_over) != 1)} {listed})"
-    out.write(f"{rep.verdict} {sym.dash} " + (
-        f"step {rep.restore_step}: {HEADLINES.get(rep.verdict, '')}" if rep.restore_step is not None
-        else HEADLINES.get(rep.verdict, "")) + skipped + "\n")
+    newest = next((r for r in rep.steps if r.layout not in ("leftover", "unknown", "async_ckpt")), None)
+    if rep.restore_step is not None:
+        what = f"step {rep.restore_step}: {HEADLINES.get(rep.verdict, '')}"
+    elif theirs and newest is not None:
+        what = f"newest, {newest.name} (step {newest.step}): {HEADLINES.get(rep.verdict, '')}"
+    else:
+        what = HEADLINES.get(rep.verdict, "")
+    out.write(f"{rep.verdict} {sym.dash} {what}{skipped}\n")
 
 
 def render(result: Any, out: TextIO, *, verbose: bool = False, plain: bool = False) -> None:

@@ -2,8 +2,11 @@
 
 Read-only. PATH is one step directory (``checkpoint-N``), a manager's root (every
 step, newest first, plus leftovers of crashed saves, and the step ``restore`` would
-pick), or a legacy checkpoint (Hugging Face Trainer folder, Accelerate ``save_state``
-folder, single ``torch.save`` file), which is judged the same way.
+pick), a checkpoint of another tool (Hugging Face Trainer folder, Accelerate ``save_state``
+folder, Lightning ``.ckpt`` file, single ``torch.save`` file), which is judged the same way,
+or a folder of them (a Trainer output dir, an Accelerate project dir, a folder of ``.ckpt``
+files: :func:`~async_ckpt.tools.legacy.find_root`), each judged, newest first by the step
+the tool recorded.
 
 PATH may also be a storage URL (``memory://name/prefix``): the same checks run through
 that backend.
@@ -133,8 +136,10 @@ class StepReport:
     verdict: str
     committed: bool = False
     reason: str = ""                # why it is not committed / not a checkpoint
+    step_source: str = ""           # other tools' checkpoints: where the step came from
     components: list[Component] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)       # costs of missing required components
+    reconstructed: list[str] = field(default_factory=list)  # costs of required state fix synthesised
     problems: list[str] = field(default_factory=list)      # integrity problems other than chunks
     bad_chunks: list[BadChunk] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -187,6 +192,7 @@ class RootReport:
     quarantined: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     passed_over: list[PassedOver] = field(default_factory=list)   # newest first
+    layout: str = OURS              # or a legacy.ROOT_NAMES key: another tool's folder
 
     @property
     def exit_code(self) -> int:
@@ -488,10 +494,27 @@ def _components(found: dict[str, list[str]], reconstructed: set[str], damaged: s
     return out
 
 
+RECONSTRUCTED_COSTS = {
+    "rng": "RNG states reconstructed by fix (derived from a seed, not the original run's): dropout and "
+           "shuffling will not repeat the original run",
+    "progress": "training state reconstructed by fix: only the step is known{source}; epoch and loss "
+                "history are not",
+}
+
+
 def _completeness(rep: StepReport) -> str:
+    """COMPLETE only when every required component holds the original run's state: one that
+    fix synthesised (RNG from a seed, a progress item holding only the step) makes it
+    PARTIAL, each listed with its cost in ``rep.reconstructed``."""
     rep.missing = [cost for (kind, _, required, cost), c in zip(COMPONENTS, rep.components)
                    if required and not c.present]
-    return PARTIAL if rep.missing else COMPLETE
+    types = {d.name: d.type for d in rep.items}
+    rep.reconstructed = []
+    for (kind, _, required, _), c in zip(COMPONENTS, rep.components):
+        if required and c.present and c.reconstructed and kind in RECONSTRUCTED_COSTS:
+            source = "; ".join(types[n] for n in c.items if types.get(n))
+            rep.reconstructed.append(RECONSTRUCTED_COSTS[kind].format(source=f" ({source})" if source else ""))
+    return PARTIAL if rep.missing or rep.reconstructed else COMPLETE
 
 
 def _item_details(manifest: Manifest, items: dict[str, ItemEntry],
@@ -522,7 +545,11 @@ def check_legacy(ckpt: legacy.LegacyCheckpoint, *, quick: bool = False) -> StepR
     rep = StepReport(str(ckpt.path), ckpt.path.name, ckpt.step, ckpt.layout, COMPLETE)
     problems = legacy.check(ckpt, quick)
     rep.step = ckpt.step
+    rep.layout = ckpt.layout          # check() tells a Lightning file from another torch.save file
+    rep.step_source = ckpt.step_source
     rep.notes.append(f"legacy layout ({ckpt.description}): run fix to convert")
+    if ckpt.step_source:
+        rep.notes.append(f"step {ckpt.step} from {ckpt.step_source}")
     for name in ckpt.skipped:
         rep.notes.append(f"{name}: skipped, it is a pickled Python object (never loaded)")
     for p in problems:
@@ -650,6 +677,8 @@ def is_root(path: Target) -> bool:
     path = Path(path)
     if not path.is_dir() or _is_ours(path) or names.parse_step_dir(path.name) is not None:
         return False
+    if legacy.find_root(path) is not None:      # another tool's folder of checkpoints
+        return True
     if legacy.detect(path) is not None:
         return False
     for e in os.scandir(path):
@@ -660,16 +689,22 @@ def is_root(path: Target) -> bool:
 
 def check_root(root: Target, *, quick: bool = False, threads: int | None = None,
                show_progress: bool | None = None, step: int | None = None, deep: bool = False) -> RootReport:
-    """Every step under ``root`` newest first (leftovers of crashed saves among them)."""
+    """Every step under ``root`` newest first (leftovers of crashed saves among them).
+
+    A folder of other tools' checkpoints (:func:`legacy.find_root`) is judged the same way:
+    each of its checkpoints, ordered by the step its tool recorded (``step`` filters on that
+    step), with ``layout`` naming the folder's kind."""
     local = not is_url(root)
     if local:
         storage, location = reader_storage(threads), str(root)
     else:
         storage, location = open_root(root)
+    lroot = legacy.find_root(Path(location)) if local else None
+    theirs = {lroot.name_of(p) for p in lroot.entries} if lroot is not None else set()
     entries: list[tuple[int, int, str]] = []
     quarantined: list[str] = []
     for e in sorted(storage.list(location), key=lambda e: e.name):
-        if not e.is_location:
+        if not e.is_location or e.name in theirs:
             continue
         s, t = names.parse_step_dir(e.name), names.parse_tmp_dir(e.name)
         if s is not None:
@@ -693,13 +728,28 @@ def check_root(root: Target, *, quick: bool = False, threads: int | None = None,
                            else OURS, UNCOMMITTED)
             _deleted_while_checking(r)
         steps.append(r)
+    if lroot is not None:
+        for p in lroot.entries:
+            r = check_step(p, quick=quick, threads=threads, show_progress=show_progress, deep=deep)
+            r.name = lroot.name_of(p)
+            if step is None or r.step == step:
+                steps.append(r)
+        steps.sort(key=lambda r: (-(r.step if r.step is not None else -1), r.layout == "leftover", r.name))
     committed = [r.step for r in steps if r.committed and r.step is not None]
     restore_step = max(committed) if committed else None
-    rep = RootReport(str(root), NOT_A_CHECKPOINT, steps, restore_step, quarantined)
+    rep = RootReport(str(root), NOT_A_CHECKPOINT, steps, restore_step, quarantined,
+                     layout=lroot.layout if lroot is not None else OURS)
+    if lroot is not None:
+        n = len(lroot.entries)
+        rep.notes.append(f"{lroot.description}: {n} checkpoint{'s' * (n != 1)} in their tool's own layout, which "
+                         f"that tool resumes from; `python -m async_ckpt.fix {root}` converts them into a new "
+                         f"root ({legacy.default_dest(lroot.home)} unless --out) and changes nothing here")
+        rep.notes.extend(lroot.notes)
     # Every final-named step newer than the pick: restore passes over it, which must never be silent.
     for r in steps:
         if (r.step is not None and (restore_step is None or r.step > restore_step) and not r.deleted
-                and not r.committed and r.layout != "leftover" and names.parse_step_dir(r.name) is not None):
+                and not r.committed and r.layout not in ("leftover", *legacy.LAYOUT_NAMES)
+                and names.parse_step_dir(r.name) is not None):
             rep.passed_over.append(PassedOver(r.step, r.name, r.verdict, why(r)))
     if restore_step is not None:
         pick = next(r for r in steps if r.committed and r.step == restore_step)
@@ -710,8 +760,9 @@ def check_root(root: Target, *, quick: bool = False, threads: int | None = None,
     else:
         legacy_steps = [r for r in steps if r.layout in legacy.LAYOUT_NAMES]
         if legacy_steps:
-            rep.verdict = legacy_steps[0].verdict
-            rep.notes.append("no step in the committed layout yet: run fix to convert the legacy ones")
+            rep.verdict = legacy_steps[0].verdict      # the newest: what its tool would resume from
+            if lroot is None:
+                rep.notes.append("no step in the committed layout yet: run fix to convert the legacy ones")
         elif steps:
             rep.verdict = CORRUPT if any(r.verdict == CORRUPT for r in steps) else UNCOMMITTED
     deleted = [r.name for r in steps if r.deleted]
@@ -750,8 +801,11 @@ exit codes:
   64  usage error
 
 For a root directory the verdict (and exit code) is that of the step restore would pick.
-Legacy layouts (Hugging Face Trainer, Accelerate save_state, one torch.save file) are judged
-the same way; `python -m async_ckpt.fix PATH` converts them.
+Other tools' checkpoints (Hugging Face Trainer, Accelerate save_state, Lightning .ckpt, one
+torch.save file) are judged the same way, and so is a folder of them (a Trainer output dir,
+an Accelerate project dir, a folder of .ckpt files): each checkpoint, newest first by the
+step its tool recorded. `python -m async_ckpt.fix PATH` converts them into a new root
+beside the folder, which it leaves as it is.
 """
 
 
@@ -765,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Check that a checkpoint (one step, a manager's root, or a legacy "
                             "checkpoint) is committed, intact and complete enough to resume from.",
                 epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="a checkpoint-N directory, a manager's root, or a legacy checkpoint")
+    p.add_argument("path", help="a checkpoint-N directory, a manager's root, another tool's checkpoint "
+                                "or a folder of them")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="per-item tensor counts, bytes, dtypes, compression ratio, timestamps, writer")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON document")
