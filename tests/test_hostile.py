@@ -379,7 +379,8 @@ def test_case07_converted_trainer_state_tolerates_odd_values(tmp_path):
         '{"global_step": 7, "epoch": true, "log_history": [{"loss": 1' + "0" * 400 + '}, {"loss": 2}]}')
     code, out, _ = cli(fix.main, tmp_path)
     assert code == 0, out
-    with CheckpointManager(tmp_path, OPTS) as mgr:
+    # converted beside the Trainer's folder, never into it (the Trainer keeps resuming from its own)
+    with CheckpointManager(tmp_path.parent / (tmp_path.name + ".async_ckpt"), OPTS) as mgr:
         progress = mgr.load(7)["progress"]
     assert progress["loss_history"] == [[None, 2.0]] and "epoch" not in progress
 
@@ -391,9 +392,9 @@ def test_case08_fix_torch_file_names_the_step_it_writes(tmp_path):
     model = torch.nn.Linear(3, 2)
     torch.save({"model": model.state_dict(), "global_step": 500}, tmp_path / "run.pt")
     code, out, _ = cli(fix.main, tmp_path / "run.pt")
-    assert "checkpoint-0" not in out and f"into {tmp_path / 'checkpoint-500'}" in out, out
-    assert layout.commit_status(tmp_path / "checkpoint-500").committed
-    assert code == verify.check_step(tmp_path / "checkpoint-500").exit_code != 2
+    assert "checkpoint-0" not in out and f"into {tmp_path / 'run.pt.async_ckpt' / 'checkpoint-500'}" in out, out
+    assert layout.commit_status(tmp_path / "run.pt.async_ckpt" / "checkpoint-500").committed
+    assert code == verify.check_step(tmp_path / "run.pt.async_ckpt" / "checkpoint-500").exit_code != 2
 
 
 def test_case08_a_step_beyond_the_format_is_refused(tmp_path):

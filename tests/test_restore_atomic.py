@@ -99,3 +99,17 @@ def test_a_shared_chunk_claiming_more_than_its_arrays_hold_is_refused(tmp_path):
     liar = dataclasses.replace(manifest, chunks=tuple(chunks))
     with pytest.raises(Refused, match="refusing to allocate"):
         read_arrays(NativeStorage(io_threads=1), str(tmp_path / "checkpoint-1"), liar)
+
+
+def test_optimizer_with_other_param_groups_is_refused_before_the_model_changes(tmp_path):
+    saved = model_of(1)
+    opt = torch.optim.AdamW([{"params": list(saved.parameters())[:8]}, {"params": list(saved.parameters())[8:]}])
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"model": saved, "optimizer": opt})
+    live = model_of(2)
+    before = snapshot(live)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        with pytest.raises(RestoreError, match="parameter groups of sizes"):
+            mgr.restore({"model": live, "optimizer": torch.optim.AdamW(live.parameters())})
+    for k, v in live.state_dict().items():
+        assert torch.equal(v, before[k]), k

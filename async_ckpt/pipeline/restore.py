@@ -390,6 +390,15 @@ def _precheck(target: Any, saved: Any, path: str) -> None:
             if isinstance(v, torch.Tensor) and isinstance(s, torch.Tensor) and tuple(s.shape) != tuple(v.shape):
                 raise RestoreError(f"{path}[{k!r}]: shape {tuple(s.shape)} in checkpoint, {tuple(v.shape)} in target")
         return
+    if isinstance(target, torch.optim.Optimizer) and isinstance(saved, Mapping):
+        groups = saved.get("param_groups")
+        if isinstance(groups, list):
+            want = [len(g["params"]) for g in target.param_groups]
+            got = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in groups]
+            if want != got:
+                raise RestoreError(f"{path}: the checkpoint's optimizer has parameter groups of sizes {got}, "
+                                   f"the target's {want} (build the optimizer the way the run did)")
+        return
     if isinstance(target, dict) and isinstance(saved, dict):
         for key in target:
             if key in saved:
