@@ -85,31 +85,21 @@ class Collectives:
 
     def gather_json(self, value: Any, dst: int = 0) -> Optional[list[Any]]:
         """Every rank's ``value`` on rank ``dst`` (in rank order), None elsewhere."""
-        import torch
-        import torch.distributed as dist
-
-        try:
-            data = json.dumps(value).encode()
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
-            longest = max(int(s.item()) for s in sizes)
-            mine = torch.zeros(longest, dtype=torch.uint8)
-            if data:
-                mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            bufs = ([torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-                    if self.rank == dst else None)
-            dist.gather(mine, bufs, dst=self._global(dst), group=self.group)
-        except RuntimeError as e:
-            raise self._fail("gather", e) from e
-        if bufs is None:
-            return None
-        return [json.loads(bytes(b.numpy()[:int(s.item())]).decode()) for b, s in zip(bufs, sizes)]
+        return self._collect(value, dst)
 
     def all_gather_json(self, value: Any) -> list[Any]:
         """Every rank's ``value`` on every rank, in rank order."""
+        out = self._collect(value, None)
+        assert out is not None
+        return out
+
+    def _collect(self, value: Any, dst: Optional[int]) -> Optional[list[Any]]:
+        """Gather (to ``dst``) or all-gather (``dst`` None) JSON values of any length: sizes
+        first, then payloads padded to the longest."""
         import torch
         import torch.distributed as dist
 
+        what = "all-gather" if dst is None else "gather"
         try:
             data = json.dumps(value).encode()
             sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
@@ -118,10 +108,16 @@ class Collectives:
             mine = torch.zeros(longest, dtype=torch.uint8)
             if data:
                 mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-            dist.all_gather(bufs, mine, group=self.group)
+            receive = dst is None or self.rank == dst
+            bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)] if receive else None
+            if dst is None:
+                dist.all_gather(bufs, mine, group=self.group)
+            else:
+                dist.gather(mine, bufs, dst=self._global(dst), group=self.group)
         except RuntimeError as e:
-            raise self._fail("all-gather", e) from e
+            raise self._fail(what, e) from e
+        if bufs is None:
+            return None
         return [json.loads(bytes(b.numpy()[:int(s.item())]).decode()) for b, s in zip(bufs, sizes)]
 
     def check_alive(self) -> None:

@@ -6,16 +6,16 @@ pieces of a logical array and by verify to check that the pieces tile it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from .manifest import ArrayEntry, Manifest
 
 Path = tuple   # a tree path: item name, then keys / list indices
 
 
-def array_paths(tree: Any) -> dict[int, Path]:
-    """Array index → the first tree path that references it (``("model", "0.weight")``)."""
-    out: dict[int, Path] = {}
+def array_references(tree: Any) -> Iterator[tuple[int, Path]]:
+    """Every (array index, tree path) a validated tree holds; a path is the item name, then
+    dict keys (as stored) and list indices (ints). Tied arrays come once per reference."""
     stack: list[tuple[Any, Path]] = [(tree, ())]
     while stack:
         node, path = stack.pop()
@@ -27,11 +27,18 @@ def array_paths(tree: Any) -> dict[int, Path]:
                 stack.append((v, path + (k,)))
         elif tag in ("list", "tuple"):
             for i, v in enumerate(node["v"]):
-                stack.append((v, path + (i,)))
+                stack.append((v, path + (("[]", i),)))
         elif tag in ("tensor", "ndarray"):
-            out.setdefault(node["array"], path)
+            yield node["array"], path
         elif isinstance(node.get("v"), (dict, list)):
             stack.append((node["v"], path))
+
+
+def array_paths(tree: Any) -> dict[int, Path]:
+    """Array index → the first tree path that references it (``("model", "0.weight")``)."""
+    out: dict[int, Path] = {}
+    for index, path in array_references(tree):
+        out.setdefault(index, tuple(p[1] if type(p) is tuple else p for p in path))
     return out
 
 

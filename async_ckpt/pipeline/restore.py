@@ -27,14 +27,29 @@ from . import reshard
 RNG_ITEM = "rng"
 
 
+# Fresh memory of this size and more starts on a page: the native reader then reads raw
+# chunks with O_DIRECT straight into it instead of through a bounce buffer and a memcpy.
+_PAGE = 4096
+_ALIGN_FROM = 1 << 20
+
+
+def _empty_bytes(nbytes: int) -> torch.Tensor:
+    """``nbytes`` uninitialised bytes, page-aligned when large."""
+    if nbytes < _ALIGN_FROM:
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
+    base = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
+    skip = -base.data_ptr() % _PAGE
+    return base[skip:skip + nbytes]
+
+
 def _allocate(dtype: str, shape: Sequence[int], nbytes: int) -> tuple[Any, np.ndarray]:
     """A fresh array of the declared dtype/shape and a flat uint8 view of its bytes."""
     kind, dt, _ = parse_array_dtype(dtype)
     try:
         if kind == "torch":
-            raw = torch.empty(nbytes, dtype=torch.uint8)
+            raw = _empty_bytes(nbytes)
             return raw.view(dt).view(tuple(shape)), raw.numpy()
-        raw_np = np.empty(nbytes, dtype=np.uint8)
+        raw_np = _empty_bytes(nbytes).numpy()
     except (MemoryError, RuntimeError) as e:   # torch reports a failed allocation as RuntimeError
         raise RestoreError(f"cannot allocate the {nbytes} bytes the manifest declares for an array "
                            f"({str(e).splitlines()[0][:200]})") from None
@@ -143,7 +158,7 @@ def _check_claimed(manifest: Manifest, chunk: int, claimed: dict[int, int]) -> N
 
 def _chunk_buffer(nbytes: int, chunk: int) -> torch.Tensor:
     try:
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
+        return _empty_bytes(nbytes)
     except (MemoryError, RuntimeError) as e:   # torch reports a failed allocation as RuntimeError
         raise RestoreError(f"cannot allocate the {nbytes} bytes the manifest declares for chunk {chunk} "
                            f"({str(e).splitlines()[0][:200]})") from None

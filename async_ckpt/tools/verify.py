@@ -42,7 +42,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 from ..errors import CheckpointError
 from ..format import names
 from ..format.manifest import ItemEntry, Manifest
-from ..format.shards import coverage_problems
+from ..format.shards import array_references, coverage_problems
 from ..storage import is_url, open_root
 from ..storage.base import ReadRequest, Storage
 from ..storage.commit import MarkerState, policy_for
@@ -208,23 +208,15 @@ def array_paths(tree: Any) -> dict[int, list[str]]:
     from ..format.tree import _key_part  # the same path spelling encode errors use
 
     out: dict[int, list[str]] = {}
-    stack: list[tuple[Any, str]] = [(tree, "")]
-    while stack:
-        node, path = stack.pop()
-        if type(node) is not dict:
-            continue
-        tag = node.get("$")
-        if tag == "dict":
-            for k, v in zip(node["keys"], node["values"]):
-                part = _key_part(k)
-                stack.append((v, (path + part) if path or not part.startswith(".") else part[1:]))
-        elif tag in ("list", "tuple"):
-            for i, v in enumerate(node["v"]):
-                stack.append((v, f"{path}[{i}]"))
-        elif tag in ("tensor", "ndarray"):
-            out.setdefault(node["array"], []).append(path)
-        elif isinstance(node.get("v"), (dict, list)):
-            stack.append((node["v"], path))
+    for index, parts in array_references(tree):
+        path = ""
+        for p in parts:
+            if type(p) is tuple:            # a list index
+                path += f"[{p[1]}]"
+            else:
+                part = _key_part(p)
+                path = (path + part) if path or not part.startswith(".") else part[1:]
+        out.setdefault(index, []).append(path)
     for paths in out.values():
         paths.sort()
     return out
