@@ -105,7 +105,7 @@ def test_a_rank_that_raises_fails_every_rank_and_commits_nothing(tmp_path):
 
 def test_a_killed_rank_fails_the_others_within_the_timeout(tmp_path):
     root = tmp_path / "run"
-    procs = launch(2, "fail", "--root", str(root), "--how", "kill", "--timeout", "6", "--out", str(tmp_path / "o"),
+    procs = launch(2, "fail", "--root", str(root), "--how", "kill", "--timeout", "15", "--out", str(tmp_path / "o"),
                    env_of=lambda rank: {"ASYNC_CKPT_FAULT": "after_data:2"} if rank == 1 else {})
     assert procs[1].returncode == -9
     assert procs[0].returncode == 0, procs[0].stderr[-3000:]
