@@ -110,7 +110,8 @@ def _array_ref(value: Any, dtype: str, shape: tuple[int, ...], nbytes: int,
     return ref
 
 
-def _is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> bool:
+    """A torch.distributed DTensor (checked by type name: no import of torch.distributed)."""
     cls = type(t)
     return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
@@ -236,7 +237,7 @@ class _Encoder:
     def tensor(self, t: Any) -> Node:
         hit = self.by_id.get(id(t))
         if hit is None:
-            hit = self.new_tensor(t) if type(t) in _TENSOR_TYPES or not _is_dtensor(t) else self.shard(t)
+            hit = self.new_tensor(t) if type(t) in _TENSOR_TYPES or not is_dtensor(t) else self.shard(t)
         return {"$": "tensor", "array": hit[0], "device": hit[1], "requires_grad": t.requires_grad}
 
     def shard(self, t: Any) -> tuple[int, str]:

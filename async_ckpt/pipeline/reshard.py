@@ -20,6 +20,7 @@ from ..errors import RestoreError
 from ..format.dtypes import parse_array_dtype
 from ..format.manifest import Manifest
 from ..format.shards import Path, array_paths, pieces_by_path
+from ..format.tree import is_dtensor
 
 __all__ = ["Pieces", "array_paths", "live_dtensors", "local_box", "shard_like", "template_for"]
 
@@ -100,17 +101,17 @@ def live_dtensors(state: Mapping[str, Any]) -> dict[Path, Any]:
     for name, value in state.items():
         if isinstance(value, torch.nn.Module):
             for k, v in value.state_dict().items():
-                if _is_dtensor(v):
+                if is_dtensor(v):
                     out[(name, k)] = v
         elif isinstance(value, torch.optim.Optimizer):
             params = [p for g in value.param_groups for p in g["params"]]
             sd = value.state_dict()
             for idx, p in enumerate(params):
-                if _is_dtensor(p):
+                if is_dtensor(p):
                     out[(name, "state", idx, "*")] = p        # template for any moment of p
             for idx, per_param in sd.get("state", {}).items():
                 for k, v in per_param.items():
-                    if _is_dtensor(v):
+                    if is_dtensor(v):
                         out[(name, "state", idx, k)] = v
         elif isinstance(value, dict):
             _walk_dict(value, (name,), out)
@@ -119,7 +120,7 @@ def live_dtensors(state: Mapping[str, Any]) -> dict[Path, Any]:
 
 def _walk_dict(d: Mapping, path: Path, out: dict) -> None:
     for k, v in d.items():
-        if _is_dtensor(v):
+        if is_dtensor(v):
             out[path + (k,)] = v
         elif isinstance(v, dict):
             _walk_dict(v, path + (k,), out)
@@ -133,11 +134,6 @@ def template_for(live: Mapping[Path, Any], path: Path, global_shape: tuple[int, 
     if t is not None and tuple(t.shape) == tuple(global_shape):
         return t
     return None
-
-
-def _is_dtensor(t: Any) -> bool:
-    cls = type(t)
-    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
 
 def shard_like(template: Any, box: torch.Tensor) -> Any:

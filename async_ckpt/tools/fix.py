@@ -519,13 +519,8 @@ own folder. Backups of what fix changes in a root of ours go to <root>/.backup/ 
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2, which means CORRUPT here
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")   # one line
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m async_ckpt.fix",
+    p = verify.UsageParser(prog="python -m async_ckpt.fix",
                 description="Repair a checkpoint root, step or legacy checkpoint: remove crashed saves' "
                             "leftovers, re-commit verified steps, convert legacy layouts, add missing RNG "
                             "state, quarantine corrupt steps.",

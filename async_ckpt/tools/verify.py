@@ -801,13 +801,16 @@ beside the folder, which it leaves as it is.
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2, which means CORRUPT here
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")   # one line
+class UsageParser(argparse.ArgumentParser):
+    """verify's and fix's parser: a usage error is one line and exit 64 (argparse's 2 would
+    read as CORRUPT)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m async_ckpt.verify",
+    p = UsageParser(prog="python -m async_ckpt.verify",
                 description="Check that a checkpoint (one step, a manager's root, or a legacy "
                             "checkpoint) is committed, intact and complete enough to resume from.",
                 epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
