@@ -36,6 +36,7 @@ from . import faults, rng, signals
 from .distributed import Collectives, ReplicaPlanner
 from .errors import CheckpointError, NotCommittedError, RestoreError, RootBusyError, SaveError
 from .format.manifest import Manifest
+from .gc_pause import paused_gc
 from .options import CheckpointManagerOptions
 from .pipeline.plan import LayoutCache, plan_save
 from .pipeline.restore import RNG_ITEM, load_items, restore_state
@@ -562,11 +563,12 @@ class CheckpointManager:
         """The raw tree of ``step`` (latest when None): state dicts, tensors on CPU, RNG states.
 
         With several ranks (collective) each rank gets its own section."""
-        resolved = self._resolve_shared(step)
-        if resolved is None:
-            raise RestoreError(f"no committed checkpoint in {self.directory}")
-        _, manifest, location = resolved
-        return load_items(self._storage, location, manifest, self.rank, self.world_size)
+        with paused_gc():
+            resolved = self._resolve_shared(step)
+            if resolved is None:
+                raise RestoreError(f"no committed checkpoint in {self.directory}")
+            _, manifest, location = resolved
+            return load_items(self._storage, location, manifest, self.rank, self.world_size)
 
     def restore(self, state: Mapping[str, Any], step: Optional[int] = None, *,
                 restore_rng: bool = True, atomic: bool = True) -> Optional[int]:
@@ -583,10 +585,11 @@ class CheckpointManager:
         targets may hold partial data.
         """
         self._check_open()
-        resolved = self._resolve_shared(step)
-        if resolved is None:
-            return None
-        step, manifest, location = resolved
-        restore_state(self._storage, location, manifest, state, rank=self.rank, world_size=self.world_size,
-                      restore_rng=restore_rng, atomic=atomic)
+        with paused_gc():
+            resolved = self._resolve_shared(step)
+            if resolved is None:
+                return None
+            step, manifest, location = resolved
+            restore_state(self._storage, location, manifest, state, rank=self.rank,
+                          world_size=self.world_size, restore_rng=restore_rng, atomic=atomic)
         return step

@@ -479,6 +479,8 @@ class _Decoder:
             raise _PathError(f"dict node: {len(keys)} keys but {len(values)} values")
         out: dict = {}
         dec = self.dec
+        tensor = self.tag_tensor
+        tensor_fields = _FIELDS["tensor"]
         for k, v in zip(keys, values):
             tk = type(k)
             if tk is not str and tk is not int:
@@ -486,7 +488,12 @@ class _Decoder:
             if k in out:
                 raise _PathError(f"duplicate dict key {k!r}")
             try:
-                out[k] = dec(v, d)
+                # State dicts are mostly tensors: a well-formed tensor node skips the generic
+                # dispatch (same checks, one Python call less per leaf).
+                if type(v) is dict and v.get("$") == "tensor" and v.keys() == tensor_fields:
+                    out[k] = tensor(v)
+                else:
+                    out[k] = dec(v, d)
             except _PathError as e:
                 e.parts.append(k)
                 raise

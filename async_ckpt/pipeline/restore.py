@@ -19,12 +19,17 @@ from .. import rng
 from ..errors import RestoreError
 from ..format.dtypes import parse_array_dtype
 from ..format.manifest import Manifest
-from ..format.tree import decode_tree, is_stateful, walk_arrays
+from ..format.tree import decode_tree, is_stateful
 from ..storage.base import ReadRequest, Storage
 from ..storage.inspect import check_data_files
 from . import reshard
 
 RNG_ITEM = "rng"
+
+# Exact types whose in-place copy needs no further checks beyond the shape (subclasses
+# such as DTensor take the general path).
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+_ARRAY_TAGS = frozenset({"tensor", "ndarray"})
 
 
 # Fresh memory of this size and more starts on a page: the native reader then reads raw
@@ -87,10 +92,8 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     copies: list[tuple[np.ndarray, int, int, int, int]] = []  # (dst, dst_off, chunk, src_off, len)
     direct: set[int] = set()                                  # chunks decoded straight into an array
 
-    def whole(parts) -> bool:
-        return bool(parts) and all(o == 0 and n == chunks[c].raw_length for c, o, n in parts)
-
     claimed: dict[int, int] = {}
+    typed: dict[tuple[int, Any], torch.Tensor] = {}           # (chunk, dtype) → typed view of its slab
 
     def slab(chunk: int) -> torch.Tensor:
         buf = slabs.get(chunk)
@@ -108,10 +111,10 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
         if index in destinations:
             value = destinations[index]
             raw = _byte_view(value)
-        elif len(parts) == 1 and not whole(parts):
+        elif len(parts) == 1 and (parts[0][1] or parts[0][2] != chunks[parts[0][0]].raw_length):
             # Inside a shared chunk: a view of the chunk's buffer when the start suits the dtype.
-            chunk, offset, length = parts[0]
-            view = _view(slab(chunk), offset, entry)
+            chunk = parts[0][0]
+            view = _view(slab(chunk), chunk, parts[0][1], entry, typed)
             if view is not None:
                 out[index] = view
                 continue
@@ -164,15 +167,26 @@ def _chunk_buffer(nbytes: int, chunk: int) -> torch.Tensor:
                            f"({str(e).splitlines()[0][:200]})") from None
 
 
-def _view(buf: torch.Tensor, offset: int, entry: Any) -> Any:
+def _view(buf: torch.Tensor, chunk: int, offset: int, entry: Any,
+          typed: dict[tuple[int, Any], torch.Tensor]) -> Any:
     """The array as a view of a chunk's decoded bytes, or None when its start does not suit
-    its dtype (a hostile or foreign manifest; the caller copies instead)."""
+    its dtype (a hostile or foreign manifest; the caller copies instead).
+
+    ``typed`` caches one view of each slab per dtype, so an array costs one slice (and a
+    reshape unless it is 1-D): thousands of small tensors share a few slabs."""
     kind, dt, itemsize = parse_array_dtype(entry.dtype)
     if offset % itemsize or entry.nbytes == 0:
         return None
-    if kind == "torch":
-        return buf[offset:offset + entry.nbytes].view(dt).view(tuple(entry.shape))
-    return buf.numpy()[offset:offset + entry.nbytes].view(dt).reshape(tuple(entry.shape))
+    if kind != "torch":
+        return buf.numpy()[offset:offset + entry.nbytes].view(dt).reshape(tuple(entry.shape))
+    base = typed.get((chunk, dt))
+    if base is None:
+        usable = buf.numel() - buf.numel() % itemsize
+        base = typed[(chunk, dt)] = buf[:usable].view(dt)
+    start = offset // itemsize
+    flat = base[start:start + entry.nbytes // itemsize]
+    shape = entry.shape
+    return flat if len(shape) == 1 else flat.view(tuple(shape))
 
 
 def _fits(target: Any, dtype: str, shape: tuple[int, ...]) -> bool:
@@ -226,9 +240,17 @@ def item_arrays(tree: Any, names: Iterable[str]) -> set[int]:
     keys, values = tree["keys"], tree["values"]
     wanted = set(names)
     found: set[int] = set()
-    for key, node in zip(keys, values):
-        if key in wanted:
-            found.update(walk_arrays(node))
+    # The tree was validated when its manifest was parsed: collect without validating again.
+    stack = [node for key, node in zip(keys, values) if key in wanted]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            if node.get("$") in _ARRAY_TAGS:
+                found.add(node["array"])
+            else:
+                stack.extend(v for v in node.values() if type(v) in (dict, list))
+        elif type(node) is list:
+            stack.extend(v for v in node if type(v) in (dict, list))
     return found
 
 
@@ -268,10 +290,13 @@ def restore_into(target: Any, saved: Any, path: str) -> Any:
     if isinstance(target, torch.Tensor):
         if not isinstance(saved, torch.Tensor):
             raise RestoreError(f"{path}: checkpoint holds {type(saved).__name__}, target is a tensor")
-        if tuple(saved.shape) != tuple(target.shape):
+        if saved.shape != target.shape:
             raise RestoreError(f"{path}: shape {tuple(saved.shape)} in checkpoint, "
                                f"{tuple(target.shape)} in target")
-        with torch.no_grad():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                target.copy_(saved)
+        else:
             target.copy_(saved)
         return target
     if isinstance(target, np.ndarray):
@@ -298,8 +323,15 @@ def restore_into(target: Any, saved: Any, path: str) -> Any:
         return target
     if isinstance(target, dict) and isinstance(saved, dict):
         for key in list(target):
-            if key in saved:
-                target[key] = restore_into(target[key], saved[key], f"{path}[{key!r}]")
+            if key not in saved:
+                continue
+            t, v = target[key], saved[key]
+            # A state dict is mostly tensors: copy same-shaped ones inline (the caller runs
+            # this under no_grad), everything else through the general path.
+            if type(t) in _PLAIN_TENSORS and type(v) in _PLAIN_TENSORS and t.shape == v.shape:
+                t.copy_(v)
+            else:
+                target[key] = restore_into(t, v, f"{path}[{key!r}]")
         for key in saved:
             if key not in target:
                 target[key] = saved[key]
@@ -415,9 +447,12 @@ def _precheck(target: Any, saved: Any, path: str) -> None:
                                    f"the target's {want} (build the optimizer the way the run did)")
         return
     if isinstance(target, dict) and isinstance(saved, dict):
-        for key in target:
-            if key in saved:
-                _precheck(target[key], saved[key], f"{path}[{key!r}]")
+        for key, t in target.items():
+            if key not in saved:
+                continue
+            v = saved[key]
+            if not (type(t) in _PLAIN_TENSORS and type(v) in _PLAIN_TENSORS and t.shape == v.shape):
+                _precheck(t, v, f"{path}[{key!r}]")
     elif isinstance(target, list) and isinstance(saved, list) and len(target) == len(saved):
         for i, (t, v) in enumerate(zip(target, saved)):
             _precheck(t, v, f"{path}[{i}]")
@@ -466,7 +501,8 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     applied: list[str] = []
     try:
         for name in state:
-            value = restore_into(state[name], saved[name], name)
+            with torch.no_grad():
+                value = restore_into(state[name], saved[name], name)
             if isinstance(state, dict):
                 state[name] = value
             applied.append(name)
