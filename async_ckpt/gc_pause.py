@@ -7,9 +7,11 @@ far and free nothing: on 20,000 small tensors that was about 40 % of a restore
 (``python -m benchmarks.io --only small_20k``). Reference counting still frees garbage
 as usual; only the cycle search waits until the block ends.
 
-Called on the caller's thread by ``CheckpointManager.restore``/``load`` and by the
-snapshot encoder. Nesting is fine: the collector is re-enabled only by the outermost
-block, and only if it was enabled when that block began.
+Called on the caller's thread by ``CheckpointManager.restore``/``load`` and around the
+tree encoding of ``save_async``. Nesting is fine: the collector is re-enabled only by the
+outermost block, and only if it was enabled when that block began. The switch is
+process-wide; blocks on two threads that overlap may end the pause early, which costs
+speed, never correctness.
 """
 
 from __future__ import annotations

@@ -261,8 +261,9 @@ class CheckpointManager:
         if self.options.save_rng:
             full_state[RNG_ITEM] = rng.capture()
         # TypeError names a bad path
-        plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen,
-                         cache=self._layouts, replicas=self._replicas)
+        with paused_gc():
+            plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen,
+                             cache=self._layouts, replicas=self._replicas)
         lazy = self.options.snapshot == "lazy"
         deferred = self._arm_fence(state, plan) if lazy else frozenset()
         self._slots.acquire()
