@@ -23,6 +23,7 @@ handle's ``result()``, whichever comes first).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import sys
 import threading
@@ -30,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 from . import faults, rng, signals
 from .distributed import Collectives, ReplicaPlanner
@@ -592,5 +593,20 @@ class CheckpointManager:
                 return None
             step, manifest, location = resolved
             restore_state(self._storage, location, manifest, state, rank=self.rank,
-                          world_size=self.world_size, restore_rng=restore_rng, atomic=atomic)
+                          world_size=self.world_size, restore_rng=restore_rng, atomic=atomic,
+                          borrow=self._borrow_staging)
         return step
+
+    @contextlib.contextmanager
+    def _borrow_staging(self, nbytes: int) -> Iterator[Any]:
+        """A staging buffer of at least ``nbytes`` for an atomic restore's scratch, taken like a
+        save's (one in-flight slot) and given back to the pool for the next save to reuse."""
+        self._slots.acquire()
+        try:
+            buffer = self._pool.acquire(nbytes)
+            try:
+                yield buffer[:nbytes]
+            finally:
+                self._pool.release(buffer)
+        finally:
+            self._slots.release()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
-from async_ckpt.errors import RestoreError
+from async_ckpt.errors import ChecksumError, RestoreError
 from async_ckpt.gc_pause import paused_gc
 
 
@@ -110,3 +110,131 @@ def test_paused_gc_nests_and_restores_on_error():
             assert not gc.isenabled()        # only the outermost block re-enables
             raise KeyError("x")
     assert gc.isenabled()
+
+
+# --------------------------------------------------------------------- large arrays, staged
+# Arrays of whole chunks from 1 MiB up are read into the manager's staging buffer during an
+# atomic restore and copied into the live tensor just before their item is applied.
+
+@pytest.fixture
+def staged_counts(monkeypatch):
+    """How many arrays each atomic restore staged (the tests below must exercise staging)."""
+    from async_ckpt.pipeline import restore
+    counts: list[int] = []
+    real = restore._stageable
+
+    def spy(*args):
+        out = real(*args)
+        counts.append(sum(len(v) for v in out.values()))
+        return out
+
+    monkeypatch.setattr(restore, "_stageable", spy)
+    return counts
+
+
+def _big_opts(**kw):
+    return CheckpointManagerOptions(handle_sigterm=False, io_threads=2, compression=None,
+                                    chunk_bytes=1 << 20, **kw)
+
+
+def _big_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))   # 2 MiB weights
+
+
+def _trained(seed: int):
+    model = _big_model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 512)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _copy_of(model, opt):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(opt.state.values())})
+
+
+def test_staged_restore_is_bitwise_in_place_and_keeps_no_reference_to_the_staging_buffer(tmp_path, staged_counts):
+    model, opt = _trained(1)
+    want_model, want_opt = _copy_of(model, opt)
+    big = {"w": torch.randn(524_288)}
+    want_big = big["w"].clone()
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt, "big": big})
+        live_model, live_opt = _trained(2)
+        live_big = {"w": torch.zeros(524_288)}
+        ptrs = [p.data_ptr() for p in live_model.parameters()] + [live_big["w"].data_ptr()]
+        allocations = mgr._pool.allocations
+        assert mgr.restore({"model": live_model, "optimizer": live_opt, "big": live_big}, step=1) == 1
+        assert mgr._pool.allocations == allocations        # the save's staging buffer was reused
+        assert [p.data_ptr() for p in live_model.parameters()] + [live_big["w"].data_ptr()] == ptrs
+        assert staged_counts == [3]             # both weights and the big tensor
+        # The next saves overwrite the staging buffer: the restored state must not change.
+        for step, seed in ((2, 7), (3, 8)):
+            other, other_opt = _trained(seed)
+            mgr.save(step, {"model": other, "optimizer": other_opt, "big": {"w": torch.randn(524_288)}})
+    got_model, got_opt = _copy_of(live_model, live_opt)
+    for k, v in want_model.items():
+        assert torch.equal(got_model[k], v), k
+    for i, s in want_opt.items():
+        for k, v in s.items():
+            assert torch.equal(got_opt[i][k], v), (i, k)
+    assert torch.equal(live_big["w"], want_big)
+
+
+def test_staged_restore_with_a_bad_chunk_changes_nothing(tmp_path, staged_counts):
+    model, opt = _trained(3)
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+    data = tmp_path / "checkpoint-1" / "data-r0-0.bin"
+    raw = bytearray(data.read_bytes())
+    raw[-4096] ^= 0x01                      # the last chunk: every staged array read before it
+    data.write_bytes(bytes(raw))
+    live_model, live_opt = _trained(4)
+    before_model, before_opt = _copy_of(live_model, live_opt)
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        with pytest.raises(ChecksumError):
+            mgr.restore({"model": live_model, "optimizer": live_opt})
+    assert staged_counts == [2]
+    got_model, got_opt = _copy_of(live_model, live_opt)
+    for k, v in before_model.items():
+        assert torch.equal(got_model[k], v), k
+    for i, s in before_opt.items():
+        for k, v in s.items():
+            assert torch.equal(got_opt[i][k], v), (i, k)
+
+
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_a_tensor_shared_by_two_items_is_restored_in_both(tmp_path, order, staged_counts):
+    shared = torch.randn(524_288)
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"a": {"w": shared}, "b": {"w": shared}})
+        live = {"a": {"w": torch.zeros(524_288)}, "b": {"w": torch.ones(524_288)}}
+        a, b = live["a"], live["b"]
+        mgr.restore({k: live[k] for k in order}, step=1)
+    assert staged_counts == [0]        # never copied in before the other item is applied
+    assert torch.equal(a["w"], shared) and torch.equal(b["w"], shared)
+
+
+def test_a_module_that_keeps_the_tensor_it_is_given_keeps_a_live_tensor(tmp_path, staged_counts):
+    class Keeper(torch.nn.Module):
+        """Keeps the state dict's tensor itself, as some quantised modules do."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.zeros(524_288))
+
+        def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+            self.table = state_dict[prefix + "table"]
+
+    saved = Keeper()
+    saved.table.normal_()
+    want = saved.table.clone()
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"m": saved})
+        live = Keeper()
+        mgr.restore({"m": live}, step=1)
+        assert staged_counts == [1]
+        mgr.save(2, {"m": Keeper()})          # overwrites the staging buffer with zeros
+    assert torch.equal(live.table, want)

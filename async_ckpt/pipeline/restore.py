@@ -9,8 +9,9 @@ decodes into them; it knows nothing of steps or save policy.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
         buf = slabs.get(chunk)
         if buf is None:
             _check_claimed(manifest, chunk, claimed)
-            buf = slabs[chunk] = _chunk_buffer(chunks[chunk].raw_length, chunk)
+            buf = slabs[chunk] = _chunk_buffer(chunks[chunk].raw_length, f"chunk {chunk}")
             requests.append(ReadRequest(chunk, chunks[chunk], memoryview(buf.numpy())))
         return buf
 
@@ -159,11 +160,11 @@ def _check_claimed(manifest: Manifest, chunk: int, claimed: dict[int, int]) -> N
                            "allocate memory the manifest does not use")
 
 
-def _chunk_buffer(nbytes: int, chunk: int) -> torch.Tensor:
+def _chunk_buffer(nbytes: int, what: str) -> torch.Tensor:
     try:
         return _empty_bytes(nbytes)
     except (MemoryError, RuntimeError) as e:   # torch reports a failed allocation as RuntimeError
-        raise RestoreError(f"cannot allocate the {nbytes} bytes the manifest declares for chunk {chunk} "
+        raise RestoreError(f"cannot allocate the {nbytes} bytes the manifest declares for {what} "
                            f"({str(e).splitlines()[0][:200]})") from None
 
 
@@ -329,7 +330,8 @@ def restore_into(target: Any, saved: Any, path: str) -> Any:
             # A state dict is mostly tensors: copy same-shaped ones inline (the caller runs
             # this under no_grad), everything else through the general path.
             if type(t) in _PLAIN_TENSORS and type(v) in _PLAIN_TENSORS and t.shape == v.shape:
-                t.copy_(v)
+                if t is not v:         # v is t when its bytes were already copied in
+                    t.copy_(v)
             else:
                 target[key] = restore_into(t, v, f"{path}[{key!r}]")
         for key in saved:
@@ -458,21 +460,28 @@ def _precheck(target: Any, saved: Any, path: str) -> None:
             _precheck(t, v, f"{path}[{i}]")
 
 
+Borrow = Callable[[int], ContextManager[torch.Tensor]]
+
+
 def restore_state(storage: Storage, location: str, manifest: Manifest, state: Mapping[str, Any], *,
                   rank: int = 0, world_size: Optional[int] = None, restore_rng: bool = True,
-                  atomic: bool = True) -> None:
+                  atomic: bool = True, borrow: Optional[Borrow] = None) -> None:
     """Restore the items ``state`` names in place (see ``CheckpointManager.restore``).
 
     Items the checkpoint holds but ``state`` does not name are left alone; an item
     ``state`` names that the checkpoint lacks raises RestoreError. RNG streams are
     restored last.
 
-    ``atomic`` (the default): every chunk is read and checked into fresh memory before a
-    byte reaches a live tensor, and tensor shapes and module keys are checked before any
+    ``atomic`` (the default): every chunk is read and checked into memory of its own before
+    a byte reaches a live tensor, and tensor shapes and module keys are checked before any
     item is applied, so a restore that raises on bad data or a mismatched target leaves
     the caller's objects as they were (at the cost of one extra copy of the state).
-    Without it, matching CPU tensors are decoded into directly (each byte moves once), and
-    a failure may leave them holding partial data.
+    Large arrays with a matching live CPU tensor are read into one scratch buffer that
+    ``borrow(nbytes)`` lends (the manager lends its staging buffer, which its next save
+    reuses; without ``borrow`` it is fresh memory) and copied into the live tensor just
+    before their item is applied; nothing keeps a reference to that buffer afterwards.
+    Without ``atomic``, matching CPU tensors are decoded into directly (each byte moves
+    once), and a failure may leave them holding partial data.
     """
     src = _source_rank(manifest, rank, world_size)
     section = manifest.section(src)
@@ -486,30 +495,102 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     want_rng = restore_rng and RNG_ITEM in saved_names and RNG_ITEM not in state
     if want_rng:
         names.append(RNG_ITEM)
+    matched: dict[str, dict[int, Any]] = {}
+    for key, node in zip(tree["keys"], tree["values"]):
+        if key in state:
+            matched[key] = {}
+            match_destinations(state[key], node, section.arrays, matched[key])
     destinations: dict[int, Any] = {}
-    if not atomic:
-        for key, node in zip(tree["keys"], tree["values"]):
-            if key in state:
-                match_destinations(state[key], node, section.arrays, destinations)
+    staged: dict[str, dict[int, Any]] = {}
+    if atomic:
+        staged = _stageable(tree, section.arrays, manifest.chunks, matched)
+    else:
+        for found in matched.values():
+            for index, target in found.items():
+                destinations.setdefault(index, target)
     live = {}
     if any(a.global_shape is not None for a in section.arrays):
         live = reshard.live_dtensors(state)
-    arrays = _read_items(storage, location, manifest, src, tree, names, destinations, live)
-    saved = decode_items(tree, arrays, names)
-    for name in state:
-        _precheck(state[name], saved[name], name)
-    applied: list[str] = []
-    try:
+    layout, total = _scratch_layout(section.arrays, staged)
+    with _borrowed(borrow, total) as scratch:
+        for index, (offset, entry) in layout.items():
+            destinations[index] = _typed(scratch[offset:offset + entry.nbytes], entry)
+        arrays = _read_items(storage, location, manifest, src, tree, names, destinations, live)
+        for found in staged.values():
+            arrays.update(found)          # decode sees the live tensor: nothing retains the scratch
+        saved = decode_items(tree, arrays, names)
         for name in state:
-            with torch.no_grad():
-                value = restore_into(state[name], saved[name], name)
-            if isinstance(state, dict):
-                state[name] = value
-            applied.append(name)
-    except RestoreError as e:
-        if applied:
-            raise RestoreError(f"{e} (item(s) {applied} were already restored from step "
-                               f"{manifest.step}; the others are unchanged)") from e
-        raise
+            _precheck(state[name], saved[name], name)
+        applied: list[str] = []
+        try:
+            for name in state:
+                with torch.no_grad():
+                    for index, target in staged.get(name, {}).items():
+                        target.copy_(destinations[index])
+                    value = restore_into(state[name], saved[name], name)
+                if isinstance(state, dict):
+                    state[name] = value
+                applied.append(name)
+        except RestoreError as e:
+            if applied:
+                raise RestoreError(f"{e} (item(s) {applied} were already restored from step "
+                                   f"{manifest.step}; the others are unchanged)") from e
+            raise
     if want_rng:
         rng.restore(saved[RNG_ITEM])
+
+
+# Arrays from this size up are read into the borrowed scratch buffer; smaller ones stay in
+# their chunk's buffer (a view each), where a scratch copy would only add per-array work.
+_STAGE_FROM = 1 << 20
+
+
+def _stageable(tree: Any, arrays: Sequence[Any], chunks: Sequence[Any],
+               matched: Mapping[str, Mapping[int, Any]]) -> dict[str, dict[int, Any]]:
+    """Per item, the large arrays to read into scratch and the live tensor each one goes to.
+
+    Only arrays made of whole chunks: those are read straight into their scratch place (an
+    array inside a shared chunk is a view of the chunk's own buffer, copied once anyway).
+    An array another item also references is left out: its bytes must not reach a live
+    tensor before that other item is applied."""
+    owners: dict[int, int] = {}
+    for name in matched:
+        for index in item_arrays(tree, [name]):
+            owners[index] = owners.get(index, 0) + 1
+
+    def stage(i: int) -> bool:
+        a = arrays[i]
+        return (owners.get(i) == 1 and a.nbytes >= _STAGE_FROM and a.stored_by is None
+                and a.global_shape is None and bool(a.parts)
+                and all(o == 0 and n == chunks[c].raw_length for c, o, n in a.parts))
+
+    return {name: {i: t for i, t in found.items() if stage(i)} for name, found in matched.items()}
+
+
+def _scratch_layout(arrays: Sequence[Any], staged: Mapping[str, Mapping[int, Any]]
+                    ) -> tuple[dict[int, tuple[int, Any]], int]:
+    """Page-aligned offsets of the staged arrays in one buffer (O_DIRECT reads land in place)."""
+    layout: dict[int, tuple[int, Any]] = {}
+    total = 0
+    for found in staged.values():
+        for index in sorted(found):
+            entry = arrays[index]
+            layout[index] = (total, entry)
+            total += -(-entry.nbytes // _PAGE) * _PAGE
+    return layout, total
+
+
+@contextlib.contextmanager
+def _borrowed(borrow: Optional[Borrow], nbytes: int) -> Iterator[torch.Tensor]:
+    if nbytes == 0:
+        yield torch.empty(0, dtype=torch.uint8)
+    elif borrow is None:
+        yield _chunk_buffer(nbytes, "the arrays restored in place")
+    else:
+        with borrow(nbytes) as buf:
+            yield buf
+
+
+def _typed(raw: torch.Tensor, entry: Any) -> torch.Tensor:
+    _, dt, _ = parse_array_dtype(entry.dtype)
+    return raw.view(dt).view(tuple(entry.shape))
