@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 7, as one call on a lent device machine (see the device tool):
+# Every GPU check in one call, for a machine with an NVIDIA GPU:
 # build the extension in place with the machine's own python (and the CUDA checksum module
-# where that machine has nvcc; otherwise carry async_ckpt/_cuda_crc*.so built here), run the
-# CUDA tests (and the snapshot/manager tests beside them), then the GPU stall benchmark. The
-# device image runs its own python3 and packages: if pybind11 is missing there, carry its
-# wheel (`pip download pybind11 -d wheels` here, `carry: ["wheels"]`, and
+# where that machine has nvcc; otherwise copy in an async_ckpt/_cuda_crc*.so built elsewhere), run the
+# CUDA tests (and the snapshot/manager tests beside them), then the GPU stall benchmark. It
+# uses the machine's own python3 and packages: where pybind11 is missing and there is no
+# network, bring its wheel (`pip download pybind11 -d wheels` elsewhere, then
 # `pip install --no-index wheels/*` first).
 #
-#   run: bash tools/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
+#   bash tools/gpu_check.sh 2>&1 | tee gpu_check.log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
