@@ -267,7 +267,11 @@ class CheckpointManager:
                              cache=self._layouts, replicas=self._replicas)
         lazy = self.options.snapshot == "lazy"
         deferred = self._arm_fence(state, plan) if lazy else frozenset()
-        self._slots.acquire()
+        # Waiting for a slot lets other threads run (done callbacks of earlier saves): the
+        # addresses encoding recorded are then read again before the copy.
+        waited = not self._slots.acquire(blocking=False)
+        if waited:
+            self._slots.acquire()
         try:
             buffer = self._pool.acquire(plan.staging_bytes)
         except BaseException:
@@ -283,7 +287,8 @@ class CheckpointManager:
             self._pending.append(future)
         future.add_done_callback(self._on_done)
         try:
-            copy_into(snapshot, wait=not lazy, deferred=deferred, copier=self._copier)
+            copy_into(snapshot, wait=not lazy, deferred=deferred, copier=self._copier,
+                      recorded_addresses=not waited)
         except BaseException:
             # The cancelled gate fails the queued write, which removes its tmp dir; the
             # caller gets the copy's own error, and the step may be retried.
@@ -330,8 +335,8 @@ class CheckpointManager:
                 fenced_ptrs.update(p.data_ptr() for p in group["params"])
             for per_param in value.state.values():
                 fenced_ptrs.update(t.data_ptr() for t in per_param.values() if isinstance(t, torch.Tensor))
-        fenced = {i for i, ref in enumerate(plan.arrays)
-                  if isinstance(ref.value, torch.Tensor) and ref.nbytes and ref.value.data_ptr() in fenced_ptrs}
+        fenced = {i for i, (value, nbytes) in enumerate(zip(plan.arrays.values, plan.arrays.nbytes))
+                  if nbytes and isinstance(value, torch.Tensor) and value.data_ptr() in fenced_ptrs}
         if hooked:
             # Also spares GPU memory: a lazy CUDA array that is not deferred is cloned first.
             fenced.update(plan.frozen_arrays)

@@ -170,15 +170,31 @@ def _join_path(base: str, parts: list[Any]) -> str:
 _NONFINITE = {"nan", "inf", "-inf"}
 _TORCH_DTYPE_NAME = re.compile(r"torch\.[a-z][a-z0-9_]{0,31}")
 _GENERATOR_NAMES = frozenset({"PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"})
+_COMPLEX_NAMES = frozenset({"torch.complex32", "torch.complex64", "torch.complex128"})
 
 
 class _Encoder:
-    __slots__ = ("refs", "by_id", "by_key", "keep", "devices", "max_depth")
+    """One walk of a state tree (``plan_save`` → :func:`encode_table`, training thread).
+
+    Arrays are collected column by column into an :class:`ArrayTable`, not as one object
+    each: a save then leaves no per-array objects behind for the cyclic collector to promote
+    (with 20,000 tensors those triggered a full collection of the caller's heap about
+    every other save). Ordinary tensors in CPU memory, nearly every leaf of a state, are
+    encoded by :meth:`plain_tensor` with as few torch calls as it can make.
+    """
+
+    __slots__ = ("add_dtype", "add_host", "add_nbytes", "add_shape", "add_value", "by_id", "by_key", "by_ptr",
+                 "devices", "keep", "max_depth", "table")
 
     def __init__(self, max_depth: int) -> None:
-        self.refs: list[ArrayRef] = []
+        self.table = t = ArrayTable()
+        self.add_value, self.add_dtype, self.add_shape = t.values.append, t.dtypes.append, t.shapes.append
+        self.add_nbytes, self.add_host = t.nbytes.append, t.host.append
         self.by_id: dict[int, tuple[int, str]] = {}   # id(tensor/ndarray) -> (index, device)
         self.by_key: dict[tuple, int] = {}             # storage view -> index (tied tensors)
+        # data_ptr of a CPU tensor -> index of the first array seen there, or -1 once every
+        # array at that address is in by_key: stride() and the full key wait for a collision.
+        self.by_ptr: dict[int, int] = {}
         self.keep: list[Any] = []                      # keeps encoded objects alive: ids stay unique
         self.devices: dict[Any, str] = {}
         self.max_depth = max_depth
@@ -201,7 +217,7 @@ class _Encoder:
         # The loops dispatch plain tensors inline: state dicts are mostly tensors, and
         # one Python call less per leaf is a measurable share of encode time.
         enc = self.enc
-        tensor = self.tensor
+        tensor = self.plain_tensor
         d = depth + 1
         k: Any = None
         if isinstance(obj, dict):
@@ -235,27 +251,69 @@ class _Encoder:
         return {"$": "tuple" if isinstance(obj, tuple) else "list", "v": out}
 
     def tensor(self, t: Any) -> Node:
-        hit = self.by_id.get(id(t))
-        if hit is None:
-            hit = self.new_tensor(t) if type(t) in _TENSOR_TYPES or not is_dtensor(t) else self.shard(t)
-        return {"$": "tensor", "array": hit[0], "device": hit[1], "requires_grad": t.requires_grad}
+        if type(t) in _TENSOR_TYPES:
+            return self.plain_tensor(t)
+        idx, dev = self.new_tensor(t) if not is_dtensor(t) else self.shard(t)
+        return {"$": "tensor", "array": idx, "device": dev, "requires_grad": t.requires_grad}
+
+    def plain_tensor(self, t: Any) -> Node:
+        """A Tensor or Parameter. The common case is done here: in CPU memory, dense, no lazy
+        conj/neg bit, a dtype the format holds, bytes at an address no array had yet. The
+        rest (errors, materialisation, ties, other devices) is new_tensor's."""
+        name = TORCH_ARRAY_NAMES.get(t.dtype)
+        # Only complex tensors can carry the conj bit (torch asserts it): is_conj() is asked
+        # of those alone.
+        if (t.is_cpu and t.layout is _STRIDED and name is not None and not t.is_neg()
+                and (name not in _COMPLEX_NAMES or not t.is_conj())):
+            try:
+                nbytes = t.nbytes
+                ptr = t.data_ptr()
+                shape = tuple(t.shape)
+            except RuntimeError:  # nested tensors, tensors without storage
+                nbytes = 0
+            if nbytes and ptr not in self.by_ptr:
+                # The table keeps t alive, so no by_id/keep entry: the same tensor met again
+                # collides on its address and is tied through its full key by new_tensor.
+                idx = self.by_ptr[ptr] = len(self.table.values)
+                self.add_value(t)
+                self.add_dtype(name)
+                self.add_shape(shape)
+                self.add_nbytes(nbytes)
+                self.add_host(ptr if t.is_contiguous() else -1)
+                return {"$": "tensor", "array": idx, "device": "cpu", "requires_grad": t.requires_grad}
+        idx, dev = self.new_tensor(t)
+        return {"$": "tensor", "array": idx, "device": dev, "requires_grad": t.requires_grad}
 
     def shard(self, t: Any) -> tuple[int, str]:
         """A DTensor: its local shard is the array, with the global shape and offset."""
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+        hit = self.by_id.get(id(t))
+        if hit is not None:
+            return hit
         local = t.to_local()
         _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         idx, dev = self.new_tensor(local)
-        ref = self.refs[idx]
-        d = ref.__dict__
-        d["global_shape"] = tuple(int(x) for x in t.shape)
-        d["global_offset"] = tuple(int(x) for x in offset)
+        self.table.globals[idx] = (tuple(int(x) for x in t.shape), tuple(int(x) for x in offset))
         self.keep.append(t)
         self.by_id[id(t)] = (idx, dev)
         return idx, dev
 
+    def tied(self, key: tuple) -> int | None:
+        """The array already encoded for the view ``key`` (data_ptr first), if any."""
+        first = self.by_ptr.get(key[0])
+        if first is not None and first >= 0:
+            # The first array at this address enters by_key now (its value is that tensor).
+            self.by_ptr[key[0]] = -1
+            v = self.table.values[first]
+            self.by_key.setdefault((key[0], v.dtype, tuple(v.shape), v.stride(), v.device), first)
+        return self.by_key.get(key)
+
     def new_tensor(self, t: Any) -> tuple[int, str]:
+        """Any tensor plain_tensor does not take: other devices, subclasses, the unusual."""
+        hit = self.by_id.get(id(t))
+        if hit is not None:
+            return hit
         dtype = t.dtype
         name = TORCH_ARRAY_NAMES.get(dtype)
         if name is None:
@@ -277,20 +335,29 @@ class _Encoder:
                 key = (t.data_ptr(), dtype, shape, t.stride(), dev)
                 if lazy:
                     key += (t.is_conj(), t.is_neg())
-                idx = self.by_key.get(key)
+                idx = self.tied(key)
         except RuntimeError as exc:  # nested tensors, tensors without storage
             raise _PathError(f"tensor cannot be saved: {exc}") from None
         if idx is None:
-            # lazy conj/neg bits: the raw memory is not the value, materialise it
-            value = t.resolve_conj().resolve_neg() if lazy else t
-            idx = len(self.refs)
-            self.refs.append(_array_ref(value, name, shape, nbytes))
-            if key is not None:
-                self.by_key[key] = idx
+            idx = self.new_array(t, name, shape, nbytes, key, lazy, dev_s == "cpu")
         self.keep.append(t)
         hit = (idx, dev_s)
         self.by_id[id(t)] = hit
         return hit
+
+    def new_array(self, t: Any, name: str, shape: tuple[int, ...], nbytes: int, key: tuple | None,
+                  lazy: bool, on_host: bool) -> int:
+        """Add tensor ``t`` (not tied to an earlier array) to the table."""
+        # lazy conj/neg bits: the raw memory is not the value, materialise it
+        value = t.resolve_conj().resolve_neg() if lazy else t
+        idx = self.table.add(value, name, shape, nbytes, -1)
+        if key is not None:
+            self.by_key[key] = idx
+            if on_host and not lazy:
+                self.by_ptr.setdefault(key[0], idx)   # a tensor met later at this address looks here
+                if t.is_contiguous():
+                    self.table.host[idx] = key[0]
+        return idx
 
     def ndarray(self, a: np.ndarray) -> Node:
         hit = self.by_id.get(id(a))
@@ -314,8 +381,8 @@ class _Encoder:
             key = ("n", a.__array_interface__["data"][0], name, shape, a.strides)
             idx = self.by_key.get(key)
         if idx is None:
-            idx = len(self.refs)
-            self.refs.append(_array_ref(value, name, shape, int(a.size) * dt.itemsize))
+            host = value.ctypes.data if a.size and value.flags.c_contiguous else -1
+            idx = self.table.add(value, name, shape, int(a.size) * dt.itemsize, host)
             if key is not None:
                 self.by_key[key] = idx
         self.keep.append(a)
@@ -382,6 +449,69 @@ def _float_node(x: float) -> dict:
     return {"$": "float", "v": "nan" if x != x else ("inf" if x > 0 else "-inf")}
 
 
+class ArrayTable:
+    """The arrays of an encoded tree, one list per field (:func:`encode_table` returns it).
+
+    ``table[i]`` builds the :class:`ArrayRef` of array ``i`` on access; hot loops read the
+    columns. ``host[i]`` is the address of ``values[i]``'s bytes when they are exactly its
+    contiguous host memory (a plain CPU tensor or a C-contiguous ndarray), else -1. It was
+    read while encoding, on the training thread, and holds only until the caller's code
+    runs again: the snapshot copies from it before ``save_async`` returns and reads the
+    address afresh for anything it copies later (see snapshot.copy_into). Read-only once
+    encoding is done; any thread may read it.
+    """
+
+    __slots__ = ("dtypes", "globals", "host", "nbytes", "shapes", "values")
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []       # the caller's tensor/ndarray (a materialised copy for lazy bits)
+        self.dtypes: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.nbytes: list[int] = []
+        self.host: list[int] = []
+        # DTensor shards: index -> (global shape, global offset)
+        self.globals: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def add(self, value: Any, dtype: str, shape: tuple[int, ...], nbytes: int, host: int) -> int:
+        idx = len(self.values)
+        self.values.append(value)
+        self.dtypes.append(dtype)
+        self.shapes.append(shape)
+        self.nbytes.append(nbytes)
+        self.host.append(host)
+        return idx
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> ArrayRef:
+        i = range(len(self.values))[i]     # IndexError, negative indices
+        ref = _array_ref(self.values[i], self.dtypes[i], self.shapes[i], self.nbytes[i])
+        shard = self.globals.get(i)
+        if shard is not None:
+            d = ref.__dict__
+            d["global_shape"], d["global_offset"] = shard
+        return ref
+
+    def __iter__(self) -> Iterator[ArrayRef]:
+        if self.globals:
+            return map(self.__getitem__, range(len(self.values)))
+        return map(_array_ref, self.values, self.dtypes, self.shapes, self.nbytes)
+
+
+def encode_table(obj: Any, *, path: str = "", max_depth: int = MAX_DEPTH) -> tuple[Node, ArrayTable]:
+    """:func:`encode_tree` with the arrays as an :class:`ArrayTable` (what planning uses)."""
+    _bind()
+    enc = _Encoder(max_depth)
+    try:
+        node = enc.enc(obj, 0)
+    except _PathError as e:
+        raise TypeError(f"{_join_path(path, e.parts)}: {e.message}") from None
+    except RecursionError:
+        raise TypeError(f"{path or '<root>'}: tree nests too deeply for the Python stack") from None
+    return node, enc.table
+
+
 def encode_tree(obj: Any, *, path: str = "", max_depth: int = MAX_DEPTH) -> tuple[Node, list[ArrayRef]]:
     """Encode ``obj`` into a JSON-able node and the array payloads it references.
 
@@ -392,15 +522,8 @@ def encode_tree(obj: Any, *, path: str = "", max_depth: int = MAX_DEPTH) -> tupl
     path for values the format cannot represent and for nesting deeper than
     ``max_depth`` containers.
     """
-    _bind()
-    enc = _Encoder(max_depth)
-    try:
-        node = enc.enc(obj, 0)
-    except _PathError as e:
-        raise TypeError(f"{_join_path(path, e.parts)}: {e.message}") from None
-    except RecursionError:
-        raise TypeError(f"{path or '<root>'}: tree nests too deeply for the Python stack") from None
-    return node, enc.refs
+    node, table = encode_table(obj, path=path, max_depth=max_depth)
+    return node, list(table)
 
 
 # --------------------------------------------------------------------------- decode

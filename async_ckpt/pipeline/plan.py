@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..format.manifest import ItemEntry
-from ..format.tree import ArrayRef, encode_tree
+from ..format.tree import ArrayRef, ArrayTable, encode_table
 
 # Every array starts at a multiple of this in the staging buffer, so a byte view of it can
 # be reinterpreted as any dtype (complex128 has the largest item size, 16).
@@ -65,7 +66,7 @@ class ChunkPlan:
 class SavePlan:
     tree: Any
     items: dict[str, ItemEntry]
-    arrays: tuple[ArrayRef, ...]
+    arrays: Sequence[ArrayRef]                       # an ArrayTable from plan_save (columns: .values, ...)
     offsets: tuple[int, ...]                         # staging offset of each array
     chunks: tuple[ChunkPlan, ...]
     parts: tuple[tuple[tuple[int, int, int], ...], ...]   # per array: (chunk, offset, length)
@@ -80,14 +81,18 @@ class SavePlan:
     # Several ranks: arrays another rank writes (identical replicas), as index → (rank, index
     # there). They are neither staged nor written here.
     stored_by: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+    # The layout this plan uses, shared by every plan the LayoutCache hands it to: the copy's
+    # index arrays and the writer's manifest entries hang off it (see _Layout).
+    layout: Optional[_Layout] = field(default=None, compare=False, repr=False)
 
     @property
     def raw_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
+        arrays = self.arrays
+        return sum(arrays.nbytes if isinstance(arrays, ArrayTable) else (a.nbytes for a in arrays))
 
 
-def _itemsize(ref: ArrayRef) -> int:
-    return ref.nbytes // max(1, _numel(ref.shape)) if ref.nbytes else 0
+def _itemsize(nbytes: int, shape: tuple[int, ...]) -> int:
+    return nbytes // max(1, _numel(shape)) if nbytes else 0
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -120,15 +125,16 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     for name, value in state.items():
         meta = (item_meta or {}).get(name)
         items[name] = meta or ItemEntry(item_kind(name, value), _type_name(value))
-    tree, arrays = encode_tree(dict(state))
+    tree, arrays = encode_table(dict(state))
+    n = len(arrays)
     frozen = _frozen_parameters(state) if separate_frozen else {}
     if frozen:
-        is_frozen = [isinstance(r.value, torch.Tensor) and r.nbytes > 0 and _key(r.value) in frozen
-                     for r in arrays]
-        order = [i for i in range(len(arrays)) if not is_frozen[i]]
-        tail = [i for i in range(len(arrays)) if is_frozen[i]]
+        is_frozen = [isinstance(v, torch.Tensor) and b > 0 and _key(v) in frozen
+                     for v, b in zip(arrays.values, arrays.nbytes)]
+        order = [i for i in range(n) if not is_frozen[i]]
+        tail = [i for i in range(n) if is_frozen[i]]
     else:       # the common case costs nothing per array
-        order, tail = list(range(len(arrays))), []
+        order, tail = list(range(n)), []
 
     stored_by = dict(replicas(state, arrays)) if replicas is not None else {}
     if stored_by:
@@ -137,40 +143,55 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     # Shards of distributed tensors get chunks of their own, apart from plain arrays: a rank
     # that reads another rank's replicas (small, plain) then never reads its shards too.
     split = len(order)
-    if any(arrays[i].global_shape is not None for i in order):
-        plain = [i for i in order if arrays[i].global_shape is None]
-        order = plain + [i for i in order if arrays[i].global_shape is not None]
+    shards = arrays.globals
+    if shards and any(i in shards for i in order):
+        plain = [i for i in order if i not in shards]
+        order = plain + [i for i in order if i in shards]
         split = len(plain)
-    key = (chunk_bytes, [r.dtype for r in arrays], [r.shape for r in arrays], tail, sorted(stored_by), split)
+    # order and tail say which arrays are laid out where (frozen, replicas, shards);
+    # dtypes and shapes give every size.
+    key = (chunk_bytes, arrays.dtypes, arrays.shapes, order, tail, split)
     layout = cache.get(key) if cache is not None else None
     if layout is None:
-        layout = _lay_out(arrays, order, tail, chunk_bytes, len(arrays), split)
+        layout = _lay_out(arrays.nbytes, arrays.shapes, order, tail, chunk_bytes, split)
         if cache is not None:
             cache.put(key, layout)
-    signature = tuple((arrays[i].value.data_ptr(), arrays[i].value._version, arrays[i].nbytes) for i in tail)
-    return SavePlan(tree, items, tuple(arrays), layout.offsets, layout.chunks, layout.parts, layout.staging_bytes,
-                    layout.chunk_ends, layout.frozen_from, signature, tuple(tail), stored_by)
+    values = arrays.values
+    signature = tuple((values[i].data_ptr(), values[i]._version, arrays.nbytes[i]) for i in tail)
+    return SavePlan(tree, items, arrays, layout.offsets, layout.chunks, layout.parts, layout.staging_bytes,
+                    layout.chunk_ends, layout.frozen_from, signature, tuple(tail), stored_by, layout)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Layout:
+    """Where every array goes; shared by the plans of every save the LayoutCache matches."""
+
     offsets: tuple[int, ...]
     chunks: tuple[ChunkPlan, ...]
     parts: tuple[tuple[tuple[int, int, int], ...], ...]
     staging_bytes: int
     chunk_ends: tuple[int, ...]
     frozen_from: int
+    # For the snapshot's copy, as int64: the arrays it copies (laid out, with bytes) in
+    # staging order, which is ascending offset; every array's offset and length.
+    staged: np.ndarray
+    offset_array: np.ndarray
+    nbytes_array: np.ndarray
+    # Filled by the writer thread (saving.array_entries): (what else the entries depend on,
+    # the manifest's ArrayEntry tuple), reused while that part matches.
+    entries: list = field(default_factory=list)
 
 
 class LayoutCache:
     """The last staging layout and what it was computed from, for reuse across saves.
 
     A training run saves the same structure every time; the layout (offsets, chunks,
-    parts) is a pure function of the arrays' dtypes and shapes, their order, which ones
-    are frozen and ``chunk_bytes``. :func:`plan_save` compares exactly those (C-speed list
-    equality) and lays out afresh on any difference, so a stale layout is never used. The
-    tree and items are always encoded afresh (they hold the step's scalars). Owned by one
-    manager; used from the training thread only.
+    parts) is a pure function of the arrays' dtypes and shapes, the order they are laid
+    out in (which ones are frozen, stored by another rank or shards) and ``chunk_bytes``.
+    :func:`plan_save` compares exactly those (C-speed list equality) and lays out afresh on
+    any difference, so a stale layout is never used. The tree and items are always encoded
+    afresh (they hold the step's scalars). Owned by one manager; used from the training
+    thread only.
     """
 
     def __init__(self) -> None:
@@ -190,10 +211,11 @@ class LayoutCache:
         self.key, self.layout = key, layout
 
 
-def _lay_out(arrays: Sequence[ArrayRef], order: list[int], tail: list[int], chunk_bytes: int,
-            n_arrays: int, split: int) -> _Layout:
+def _lay_out(sizes: Sequence[int], shapes: Sequence[tuple[int, ...]], order: list[int], tail: list[int],
+            chunk_bytes: int, split: int) -> _Layout:
     """Offsets in staging memory, size-bounded chunks and each array's parts (arrays not in
     ``order`` or ``tail`` keep offset 0 and no parts). A chunk starts at ``order[split]``."""
+    n_arrays = len(sizes)
     offsets: list[int] = [0] * n_arrays
     chunks: list[ChunkPlan] = []
     parts: list[tuple[tuple[int, int, int], ...]] = [()] * n_arrays
@@ -201,6 +223,7 @@ def _lay_out(arrays: Sequence[ArrayRef], order: list[int], tail: list[int], chun
     cursor = 0
     slab_start = 0        # start of the open slab chunk
     slab_sizes: set[int] = set()
+    staged: list[int] = []    # laid out with bytes, in staging order
 
     def close_slab(end: int) -> None:
         nonlocal slab_start, slab_sizes
@@ -218,39 +241,41 @@ def _lay_out(arrays: Sequence[ArrayRef], order: list[int], tail: list[int], chun
         slab_start = cursor
 
     for pos, i in enumerate(order + tail):
-        ref = arrays[i]
+        nbytes = sizes[i]
         if pos == split and 0 < split < len(order):
             start_chunk()
         if pos == len(order):
             start_chunk()                 # the frozen tail starts a chunk of its own
             frozen_from = len(chunks)
         cursor = -(-cursor // ALIGN) * ALIGN
-        itemsize = _itemsize(ref)
-        if ref.nbytes == 0:
+        itemsize = _itemsize(nbytes, shapes[i])
+        if nbytes == 0:
             offsets[i] = cursor
             continue
-        if ref.nbytes > chunk_bytes:
+        staged.append(i)
+        if nbytes > chunk_bytes:
             # A large array gets chunks of its own so restore can decode straight into it.
             start_chunk()
             offsets[i] = cursor
             own = []
-            for piece in range(0, ref.nbytes, chunk_bytes):
-                length = min(chunk_bytes, ref.nbytes - piece)
+            for piece in range(0, nbytes, chunk_bytes):
+                length = min(chunk_bytes, nbytes - piece)
                 own.append((len(chunks), 0, length))
                 chunks.append(ChunkPlan(cursor + piece, length, itemsize if itemsize in (2, 4, 8) else 0))
             parts[i] = tuple(own)
-            cursor += ref.nbytes
+            cursor += nbytes
             slab_start = cursor
             continue
-        if cursor + ref.nbytes - slab_start > chunk_bytes:
+        if cursor + nbytes - slab_start > chunk_bytes:
             start_chunk()
         offsets[i] = cursor
-        parts[i] = ((len(chunks), cursor - slab_start, ref.nbytes),)
+        parts[i] = ((len(chunks), cursor - slab_start, nbytes),)
         slab_sizes.add(itemsize)
-        cursor += ref.nbytes
+        cursor += nbytes
     close_slab(cursor)
     return _Layout(tuple(offsets), tuple(chunks), tuple(parts), cursor, tuple(c.start + c.length for c in chunks),
-                   len(chunks) if frozen_from is None else frozen_from)
+                   len(chunks) if frozen_from is None else frozen_from, np.array(staged, dtype=np.int64),
+                   np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64))
 
 
 def _key(t: torch.Tensor) -> tuple:

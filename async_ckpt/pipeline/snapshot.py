@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import threading
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any, Optional
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ..format.dtypes import parse_array_dtype
+from ..format.tree import ArrayTable
 from ..storage.base import KnownCrcs
 from . import device_copy
 from .plan import SavePlan
@@ -189,54 +191,86 @@ def _is_plain_host(value: Any) -> bool:
     return isinstance(value, np.ndarray) and value.flags.c_contiguous
 
 
-def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: list[int], gate=None,
-              floor: float = float("inf")) -> None:
+def _values(plan: SavePlan) -> Sequence[Any]:
+    arrays = plan.arrays
+    return arrays.values if isinstance(arrays, ArrayTable) else [a.value for a in arrays]
+
+
+def _host_addresses(plan: SavePlan, indices: np.ndarray) -> np.ndarray:
+    """Per index, the address of the array's bytes if it is plain host memory, else -1,
+    read now from the values (not from what encoding saw)."""
+    values = _values(plan)
+    found = (values[i] for i in indices.tolist())
+    return np.fromiter((_data_ptr(v) if _is_plain_host(v) else -1 for v in found), np.int64, len(indices))
+
+
+def _offsets_and_lengths(plan: SavePlan) -> tuple[np.ndarray, np.ndarray]:
+    """Every array's staging offset and length, as int64 (the layout's, computed once)."""
+    if plan.layout is not None:
+        return plan.layout.offset_array, plan.layout.nbytes_array
+    return np.array(plan.offsets, np.int64), np.array([a.nbytes for a in plan.arrays], np.int64)
+
+
+def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: Sequence[int], gate=None,
+              floor: float = float("inf"), addresses: Optional[np.ndarray] = None) -> None:
     """Copy ``indices`` (ascending offsets) and open the gate behind the copy front.
 
-    Small contiguous host arrays go to the native stager in batches (a memcpy each, GIL
-    released, no per-tensor Python views); large ones go through torch/numpy, whose copy
-    is multi-threaded; strided views are copied first. Everything below the next array
-    still to copy, and below ``floor`` (the first byte somebody else still has to copy),
-    is staged, so those chunks may be written.
+    ``addresses[k]`` is where array ``indices[k]``'s bytes are when they are plain host
+    memory, else -1: what encoding saw, valid only on the training thread before the
+    caller's code runs again; without it (the copier thread) they are read here. Small
+    plain arrays go to the native stager in batches (a memcpy each, GIL released, no
+    per-tensor Python views); large ones go through torch/numpy, whose copy is
+    multi-threaded; the rest (strided views) are copied first. Everything below the next
+    array still to copy, and below ``floor`` (the first byte somebody else still has to
+    copy), is staged, so those chunks may be written.
     """
-    from .. import native
-
+    index = np.asarray(indices, dtype=np.int64)
+    if addresses is None:
+        addresses = _host_addresses(plan, index)
     host = buffer.numpy()
-    ends = plan.chunk_ends
-    ordered: list[int] = []
-    for i in indices:
-        if _is_plain_host(plan.arrays[i].value):
-            ordered.append(i)
-        else:
-            _copy_one(plan, buffer, host, i)
-    batch: list[int] = []
-
-    def flush(front: float) -> None:
-        if not batch:
-            return
-        srcs = np.fromiter((_data_ptr(plan.arrays[i].value) for i in batch), np.uint64, len(batch))
-        offsets = np.fromiter((plan.offsets[i] for i in batch), np.uint64, len(batch))
-        lengths = np.fromiter((plan.arrays[i].nbytes for i in batch), np.uint64, len(batch))
-        limit = min(front, floor)
-        native.stage(host, srcs, offsets, lengths, ends if gate is not None else [], gate,
-                     _UINT64_MAX if limit == float("inf") else int(limit))
-        batch.clear()
-
-    for pos, i in enumerate(ordered):
-        if plan.arrays[i].nbytes < _NATIVE_BELOW:
-            batch.append(i)
-            continue
-        flush(plan.offsets[i])
+    for i in index[addresses < 0].tolist():
         _copy_one(plan, buffer, host, i)
+    plain = addresses >= 0
+    index = index[plain]
+    all_offsets, all_lengths = _offsets_and_lengths(plan)
+    batch = _Batch(host, addresses[plain], all_offsets[index], all_lengths[index], plan.chunk_ends, gate, floor)
+    offsets, ends = batch.offsets, plan.chunk_ends
+    start = 0
+    for k in np.flatnonzero(batch.lengths >= _NATIVE_BELOW).tolist():
+        batch.stage(start, k)
+        _copy_one(plan, buffer, host, int(index[k]))
         if gate is not None:
-            front = plan.offsets[ordered[pos + 1]] if pos + 1 < len(ordered) else floor
+            front = int(offsets[k + 1]) if k + 1 < len(index) else floor
             gate.advance(bisect.bisect_right(ends, min(front, floor)))
-    flush(floor)
+        start = k + 1
+    batch.stage(start, len(index))
 
 
 # Below this size the per-tensor cost of torch's copy (views, dispatch) dominates and one
 # native memcpy batch wins; above it torch's multi-threaded copy is faster than one memcpy.
 _NATIVE_BELOW = 1 << 20
+
+
+class _Batch:
+    """Plain host arrays in staging order, handed to the native stager a run at a time."""
+
+    def __init__(self, host: np.ndarray, addresses: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                 chunk_ends: Sequence[int], gate, floor: float) -> None:
+        self.host, self.gate, self.floor = host, gate, floor
+        self.offsets, self.lengths = offsets, lengths
+        self.chunk_ends = chunk_ends if gate is not None else []
+        self._regions = (addresses.astype(np.uint64), offsets.astype(np.uint64), lengths.astype(np.uint64))
+
+    def stage(self, a: int, b: int) -> None:
+        """memcpy arrays [a, b); the gate opens up to the next array's offset (or floor)."""
+        from .. import native
+
+        if a >= b:
+            return
+        limit = min(int(self.offsets[b]), self.floor) if b < len(self.offsets) else self.floor
+        srcs, offsets, lengths = self._regions
+        native.stage(self.host, srcs[a:b], offsets[a:b], lengths[a:b], self.chunk_ends, self.gate,
+                     _UINT64_MAX if limit == float("inf") else int(limit))
 
 
 def _copy_one(plan: SavePlan, buffer: torch.Tensor, host: np.ndarray, index: int) -> None:
@@ -273,7 +307,7 @@ def take_snapshot(plan: SavePlan, buffer: torch.Tensor, wait: bool = True,
 
 
 def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = frozenset(),
-              copier: Optional[Executor] = None) -> None:
+              copier: Optional[Executor] = None, recorded_addresses: bool = True) -> None:
     """Copy every array of the snapshot's plan into its buffer.
 
     Eager (``wait``): every copy is complete on return. Lazy: CPU arrays whose index is in
@@ -283,43 +317,64 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
     training stream, so kernels queued later (e.g. BatchNorm statistics) cannot race.
     With a gate, chunks are released to the writer as soon as their bytes are staged.
     Raises the copy's error after cancelling the gate.
+
+    Runs on the training thread right after ``plan_save``, with none of the caller's code
+    in between: the host addresses encoding recorded are still those of the arrays' bytes.
+    A caller that may have let other code run since (it waited for a free staging slot)
+    passes ``recorded_addresses=False``, and they are read again.
     """
     plan, buffer, gate = snap.plan, snap.buffer, snap.gate
-    now: list[int] = []
-    later: list[int] = []
-    on_device: list[int] = []
     host = buffer.numpy()
+    later = np.zeros(0, np.int64)
     try:
-        stored_elsewhere = plan.stored_by
-        for i, ref in enumerate(plan.arrays):
-            if ref.nbytes == 0 or i in stored_elsewhere:
-                continue
-            value = ref.value
-            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                on_device.append(i)
-            elif not wait and i in deferred and copier is not None:
-                later.append(i)
-            else:
-                now.append(i)
-        # Copies advance the gate front to back: walk the staging layout in offset order
-        # (the plan puts frozen parameters last, whatever their index).
-        by_offset = plan.offsets.__getitem__
-        now.sort(key=by_offset)
-        later.sort(key=by_offset)
-        on_device.sort(key=by_offset)
-        cuda_floor = float(plan.offsets[on_device[0]]) if on_device else float("inf")
+        staged, addresses = _staged(plan, recorded_addresses)
+        # Whatever is not plain host memory is looked at one by one: CUDA, strided, lazy bits.
+        cuda = np.zeros(len(staged), bool)
+        values = _values(plan)
+        for k in np.flatnonzero(addresses < 0).tolist():
+            v = values[staged[k]]
+            cuda[k] = isinstance(v, torch.Tensor) and v.device.type == "cuda"
+        deferring = not wait and copier is not None and bool(deferred)
+        postponed = _members(staged, deferred, len(plan.arrays)) & ~cuda if deferring else np.zeros_like(cuda)
+        now = ~(cuda | postponed)
+        on_device, later = staged[cuda].tolist(), staged[postponed]
+        offsets, _ = _offsets_and_lengths(plan)
+        cuda_floor = float(offsets[on_device[0]]) if on_device else float("inf")
         if on_device:
             snap.cuda_marks = device_copy.enqueue(
                 plan, host, on_device, lambda i: _host_destination(plan, buffer, host, i)[1],
                 clone=lambda i: not wait and i not in deferred)
-        later_floor = min(cuda_floor, plan.offsets[later[0]]) if later else cuda_floor
-        _copy_cpu(plan, buffer, now, gate, later_floor)
+        later_floor = min(cuda_floor, float(offsets[later[0]])) if len(later) else cuda_floor
+        _copy_cpu(plan, buffer, staged[now], gate, later_floor, addresses[now])
     except BaseException as e:
         snap._fail(e)
         raise
-    if wait or (not later and not snap.cuda_marks):
+    if wait or (not len(later) and not snap.cuda_marks):
         snap._finish()
     elif copier is None:         # lazy without a background thread: finish here
         _finish_later(snap, later, cuda_floor)
     else:
         copier.submit(_finish_later, snap, later, cuda_floor)
+
+
+def _staged(plan: SavePlan, recorded: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays to copy (with bytes, laid out on this rank) in ascending offset, and
+    where each one's bytes are when they are plain host memory (else -1): as encoding
+    recorded them when ``recorded``, else read now."""
+    arrays = plan.arrays
+    if plan.layout is not None and isinstance(arrays, ArrayTable):    # plan_save's plans
+        staged = plan.layout.staged
+        if not recorded:
+            return staged, _host_addresses(plan, staged)
+        return staged, np.array(arrays.host, dtype=np.int64)[staged]
+    stored_elsewhere = plan.stored_by
+    staged = np.array(sorted((i for i, a in enumerate(arrays) if a.nbytes and i not in stored_elsewhere),
+                             key=plan.offsets.__getitem__), dtype=np.int64)
+    return staged, _host_addresses(plan, staged)
+
+
+def _members(index: np.ndarray, chosen: frozenset[int], n: int) -> np.ndarray:
+    """Per entry of ``index``: whether it is in ``chosen`` (indices below ``n``)."""
+    mask = np.zeros(n, bool)
+    mask[np.fromiter(chosen, np.int64, len(chosen))] = True
+    return mask[index]
