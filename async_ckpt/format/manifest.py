@@ -18,6 +18,7 @@ import json
 import math
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -127,6 +128,9 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as JSON-ready data (tuples stand for JSON arrays)."""
+        return self._doc(with_arrays=True)
+
+    def _doc(self, with_arrays: bool) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -143,17 +147,24 @@ class Manifest:
                        "items": {k: {"kind": v.kind, "type": v.type, "reconstructed": v.reconstructed}
                                  for k, v in r.items.items()},
                        "tree": r.tree,
-                       # json writes tuples as arrays: no per-array list copies (20k arrays: 3x faster)
-                       "arrays": [{"dtype": a.dtype, "shape": a.shape, "nbytes": a.nbytes, "parts": a.parts}
-                                  if a.global_shape is None and a.stored_by is None else a.to_json()
-                                  for a in r.arrays]}
+                       **({"arrays": _array_docs(r.arrays)} if with_arrays else {})}
                       for r in self.ranks],
             "extra": self.extra,
         }
 
     def to_bytes(self) -> bytes:
-        """The manifest file: compact JSON, sealed with its own digest (``self_sha256``)."""
-        return seal(json.dumps(self.to_json(), allow_nan=False, separators=(",", ":")).encode())
+        """The manifest file: compact JSON, sealed with its own digest (``self_sha256``).
+
+        The same text as ``json.dumps(self.to_json())``, written in pieces so that each
+        rank's arrays list comes from :func:`_arrays_text`, which a run saving the same
+        structure every time serialises once."""
+        doc = self._doc(with_arrays=False)
+        ranks, extra = doc.pop("ranks"), doc.pop("extra")
+        pieces = []
+        for section, rank_doc in zip(self.ranks, ranks):
+            pieces.append(_dumps(rank_doc)[:-1] + ',"arrays":' + _arrays_text(section.arrays) + "}")
+        text = _dumps(doc)[:-1] + ',"ranks":[' + ",".join(pieces) + '],"extra":' + _dumps(extra) + "}"
+        return seal(text.encode())
 
     def section(self, rank: int) -> RankSection:
         """The tree, items and arrays that ``rank`` saved."""
@@ -169,6 +180,34 @@ class Manifest:
             for name, entry in r.items.items():
                 out.setdefault(name, entry)
         return out
+
+
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, allow_nan=False, separators=(",", ":"))
+
+
+def _array_docs(arrays: Sequence[ArrayEntry]) -> list[Any]:
+    # json writes tuples as arrays: no per-array list copies (20k arrays: 3x faster)
+    return [{"dtype": a.dtype, "shape": a.shape, "nbytes": a.nbytes, "parts": a.parts}
+            if a.global_shape is None and a.stored_by is None else a.to_json()
+            for a in arrays]
+
+
+# The last arrays tuple serialised and its text. The save path hands the same (immutable)
+# tuple of entries to every save of an unchanged structure (pipeline/saving.array_entries),
+# so the writer thread serialises 20,000 entries once instead of at every save.
+_arrays_memo: list[Any] = [None, ""]
+_arrays_memo_lock = threading.Lock()
+
+
+def _arrays_text(arrays: tuple[ArrayEntry, ...]) -> str:
+    with _arrays_memo_lock:
+        if _arrays_memo[0] is arrays:
+            return _arrays_memo[1]
+    text = _dumps(_array_docs(arrays))
+    with _arrays_memo_lock:
+        _arrays_memo[:] = [arrays, text]
+    return text
 
 
 # ----------------------------------------------------------------------------- validation
