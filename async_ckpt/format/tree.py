@@ -2,10 +2,11 @@
 
 Who calls what, on which thread:
 
-1. The snapshot/planning code calls :func:`encode_tree` on the **training thread**,
+1. The snapshot/planning code calls :func:`encode_table` on the **training thread**,
    before the fence is released. It gets the JSON-able ``tree`` for the manifest and
-   a list of :class:`ArrayRef` whose ``value`` is the caller's original tensor or
-   ndarray (not copied): the snapshot copies those into staging buffers itself.
+   an :class:`ArrayTable` (one column per field; :func:`encode_tree` returns the same
+   as a list of :class:`ArrayRef`) whose values are the caller's original tensors or
+   ndarrays (not copied): the snapshot copies those into staging buffers itself.
    Encoding never touches storage and never copies tensor data (the two exceptions:
    tensors carrying a lazy conj/neg bit and big-endian ndarrays are materialised).
 2. Manifest validation (layout code, ``verify``) calls :func:`parse_array_dtype` on
