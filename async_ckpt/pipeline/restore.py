@@ -496,10 +496,13 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     if want_rng:
         names.append(RNG_ITEM)
     matched: dict[str, dict[int, Any]] = {}
-    for key, node in zip(tree["keys"], tree["values"]):
-        if key in state:
-            matched[key] = {}
-            match_destinations(state[key], node, section.arrays, matched[key])
+    # Atomic: only arrays that may be staged are worth matching (a state of small tensors
+    # has none, and skips the walk).
+    if not atomic or any(_whole_and_large(a, manifest.chunks) for a in section.arrays):
+        for key, node in zip(tree["keys"], tree["values"]):
+            if key in state:
+                matched[key] = {}
+                match_destinations(state[key], node, section.arrays, matched[key])
     destinations: dict[int, Any] = {}
     staged: dict[str, dict[int, Any]] = {}
     if atomic:
@@ -558,13 +561,14 @@ def _stageable(tree: Any, arrays: Sequence[Any], chunks: Sequence[Any],
         for index in item_arrays(tree, [name]):
             owners[index] = owners.get(index, 0) + 1
 
-    def stage(i: int) -> bool:
-        a = arrays[i]
-        return (owners.get(i) == 1 and a.nbytes >= _STAGE_FROM and a.stored_by is None
-                and a.global_shape is None and bool(a.parts)
-                and all(o == 0 and n == chunks[c].raw_length for c, o, n in a.parts))
+    return {name: {i: t for i, t in found.items() if owners.get(i) == 1 and _whole_and_large(arrays[i], chunks)}
+            for name, found in matched.items()}
 
-    return {name: {i: t for i, t in found.items() if stage(i)} for name, found in matched.items()}
+
+def _whole_and_large(a: Any, chunks: Sequence[Any]) -> bool:
+    """An array this rank wrote, unsharded, of whole chunks only, and large enough to stage."""
+    return (a.nbytes >= _STAGE_FROM and a.stored_by is None and a.global_shape is None and bool(a.parts)
+            and all(o == 0 and n == chunks[c].raw_length for c, o, n in a.parts))
 
 
 def _scratch_layout(arrays: Sequence[Any], staged: Mapping[str, Mapping[int, Any]]
