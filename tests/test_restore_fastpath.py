@@ -238,3 +238,15 @@ def test_a_module_that_keeps_the_tensor_it_is_given_keeps_a_live_tensor(tmp_path
         assert staged_counts == [1]
         mgr.save(2, {"m": Keeper()})          # overwrites the staging buffer with zeros
     assert torch.equal(live.table, want)
+
+
+def test_the_first_save_after_a_restore_in_a_new_manager_reuses_its_buffer(tmp_path, staged_counts):
+    model, opt = _trained(5)
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+    live_model, live_opt = _trained(6)
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:        # a resumed run: nothing saved yet
+        mgr.restore({"model": live_model, "optimizer": live_opt})
+        assert staged_counts == [2] and mgr._pool.allocations == 1
+        mgr.save(2, {"model": live_model, "optimizer": live_opt})
+        assert mgr._pool.allocations == 1          # the save fitted in the restore's buffer

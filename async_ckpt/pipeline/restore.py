@@ -477,9 +477,10 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     item is applied, so a restore that raises on bad data or a mismatched target leaves
     the caller's objects as they were (at the cost of one extra copy of the state).
     Large arrays with a matching live CPU tensor are read into one scratch buffer that
-    ``borrow(nbytes)`` lends (the manager lends its staging buffer, which its next save
-    reuses; without ``borrow`` it is fresh memory) and copied into the live tensor just
-    before their item is applied; nothing keeps a reference to that buffer afterwards.
+    ``borrow(nbytes)`` lends (the manager lends its staging buffer, asking for the whole
+    state's size so that its next save reuses it; without ``borrow`` it is fresh memory
+    of the staged arrays' size) and copied into the live tensor just before their item is
+    applied; nothing keeps a reference to that buffer afterwards.
     Without ``atomic``, matching CPU tensors are decoded into directly (each byte moves
     once), and a failure may leave them holding partial data.
     """
@@ -515,6 +516,11 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     if any(a.global_shape is not None for a in section.arrays):
         live = reshard.live_dtensors(state)
     layout, total = _scratch_layout(section.arrays, staged)
+    if borrow is not None and total:
+        # Ask for a buffer the size of this rank's whole state: the next save of the same
+        # state then reuses it instead of allocating its own (pages are only touched as
+        # they are used, so the request costs no memory the save would not take anyway).
+        total = max(total, sum(a.nbytes for a in section.arrays if a.stored_by is None))
     with _borrowed(borrow, total) as scratch:
         for index, (offset, entry) in layout.items():
             destinations[index] = _typed(scratch[offset:offset + entry.nbytes], entry)
