@@ -61,6 +61,7 @@ ROWS: tuple[RowDef, ...] = (
     RowDef("ts_zstd_load", "peer", "tensorstore zarr3 zstd read + copy in place", "read"),
     RowDef("ours_restore_none", "ours", "restore in place (none)", "read"),
     RowDef("ours_restore_direct_none", "ours", "restore, decoding into live tensors (atomic=False, none)", "read"),
+    RowDef("ours_restore_new_none", "ours", "restore by a new manager (allocates its staging buffer, none)", "read"),
     RowDef("ours_restore_zstd", "ours", "restore in place (zstd)", "read"),
     RowDef("ours_restore_auto", "ours", "restore in place (auto)", "read"),
     RowDef("ours_kv_restore", "ours", "restore via TensorStore kvstore, file driver (none)", "read"),
