@@ -155,6 +155,15 @@ def _copy_of(model, opt):
             {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(opt.state.values())})
 
 
+def _assert_holds(model, opt, want_model, want_opt) -> None:
+    got_model, got_opt = _copy_of(model, opt)
+    for k, v in want_model.items():
+        assert torch.equal(got_model[k], v), k
+    for i, state in want_opt.items():
+        for k, v in state.items():
+            assert torch.equal(got_opt[i][k], v), (i, k)
+
+
 def test_staged_restore_is_bitwise_in_place_and_keeps_no_reference_to_the_staging_buffer(tmp_path, staged_counts):
     model, opt = _trained(1)
     want_model, want_opt = _copy_of(model, opt)
@@ -174,12 +183,7 @@ def test_staged_restore_is_bitwise_in_place_and_keeps_no_reference_to_the_stagin
         for step, seed in ((2, 7), (3, 8)):
             other, other_opt = _trained(seed)
             mgr.save(step, {"model": other, "optimizer": other_opt, "big": {"w": torch.randn(524_288)}})
-    got_model, got_opt = _copy_of(live_model, live_opt)
-    for k, v in want_model.items():
-        assert torch.equal(got_model[k], v), k
-    for i, s in want_opt.items():
-        for k, v in s.items():
-            assert torch.equal(got_opt[i][k], v), (i, k)
+    _assert_holds(live_model, live_opt, want_model, want_opt)
     assert torch.equal(live_big["w"], want_big)
 
 
@@ -197,12 +201,7 @@ def test_staged_restore_with_a_bad_chunk_changes_nothing(tmp_path, staged_counts
         with pytest.raises(ChecksumError):
             mgr.restore({"model": live_model, "optimizer": live_opt})
     assert staged_counts == [2]
-    got_model, got_opt = _copy_of(live_model, live_opt)
-    for k, v in before_model.items():
-        assert torch.equal(got_model[k], v), k
-    for i, s in before_opt.items():
-        for k, v in s.items():
-            assert torch.equal(got_opt[i][k], v), (i, k)
+    _assert_holds(live_model, live_opt, before_model, before_opt)
 
 
 @pytest.mark.parametrize("order", ["ab", "ba"])
