@@ -22,18 +22,20 @@ void check_pieces(const std::vector<crcmath::Piece>& pieces, const std::vector<u
   }
 }
 
+CrcTables::CrcTables() {
+  crcmath::make_slices(slice);
+  crcmath::make_powers(powers);
+}
+
+const CrcTables& crc_tables() {
+  static const CrcTables t;
+  return t;
+}
+
 std::vector<uint32_t> crc32c_pieces(const std::vector<crcmath::Piece>& pieces,
                                     const std::vector<uint64_t>& chunk_lens, uint64_t segment) {
   check_pieces(pieces, chunk_lens, segment);
-  struct Tables {
-    uint32_t slice[8][256];
-    uint32_t powers[crcmath::kPowers];
-    Tables() {
-      crcmath::make_slices(slice);
-      crcmath::make_powers(powers);
-    }
-  };
-  static const Tables t;
+  const CrcTables& t = crc_tables();
   std::vector<uint32_t> words(chunk_lens.size(), 0);
   for (const auto& p : pieces)
     for (uint64_t begin = 0; begin < p.len; begin += segment) {

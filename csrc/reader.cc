@@ -10,6 +10,7 @@
 
 #include "crc32c.h"
 #include "crc32c_math.h"
+#include "crc32c_pieces.h"
 #include "errors.h"
 #include "file_io.h"
 #include "shuffle.h"
@@ -62,8 +63,7 @@ class CrcSink : public zstd::Sink {
 class UnshuffleCrcSink : public zstd::Sink {
  public:
   UnshuffleCrcSink(uint64_t len, unsigned elem) : len_(len), elem_(elem), n_(len / elem) {
-    static const Tables tables;
-    t_ = &tables;
+    t_ = &crc_tables();
   }
 
   void put(const char* p, size_t n) override {
@@ -92,15 +92,6 @@ class UnshuffleCrcSink : public zstd::Sink {
   }
 
  private:
-  struct Tables {
-    uint32_t slice[8][256];
-    uint32_t powers[crcmath::kPowers];
-    Tables() {
-      crcmath::make_slices(slice);
-      crcmath::make_powers(powers);
-    }
-  };
-
   static uint32_t byte(uint32_t c, unsigned char v, const uint32_t (*slice)[256]) {
     return slice[0][(c ^ v) & 0xff] ^ (c >> 8);
   }
@@ -127,7 +118,7 @@ class UnshuffleCrcSink : public zstd::Sink {
     plane_ = c;
   }
 
-  const Tables* t_;
+  const CrcTables* t_;
   uint64_t len_;
   unsigned elem_;
   uint64_t n_;          // elements (bytes per plane)
