@@ -24,12 +24,9 @@ from transformers import (
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
 from async_ckpt.integrations.export import main
 from async_ckpt.integrations.hf import AsyncCheckpointTrainer, config_files
+from bitwise import bits
 
 OPTS = CheckpointManagerOptions(max_to_keep=None, handle_sigterm=False)
-
-
-def bits(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def assert_same_weights(a, b):

@@ -26,6 +26,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
 from async_ckpt.integrations import IntegrationError
 from async_ckpt.integrations.accelerate import load_state, resume_dataloader, save_state
+from bitwise import bits, same
 
 EPOCHS, BATCHES, SAVE_EVERY = 3, 10, 4
 
@@ -103,20 +104,6 @@ def run(root, mode="ours", stop=None, kill=False, resume=False):
         if mgr is not None:
             mgr.close()
     return losses, acc.unwrap_model(model), opt, acc, scale
-
-
-def bits(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def same(a, b):
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from transformers import (
 from async_ckpt import CheckpointManager, CheckpointManagerOptions, SaveError
 from async_ckpt.integrations import IntegrationError
 from async_ckpt.integrations.hf import AsyncCheckpointTrainer, hf_steps_to_delete
+from bitwise import bits
 
 N_SAMPLES, SEQ, VOCAB = 40, 16, 64
 
@@ -85,10 +86,6 @@ def make_trainer(out, cls=AsyncCheckpointTrainer, model_seed=0, stop=None, kill=
     for c in cb:
         c.trainer = trainer
     return trainer, losses
-
-
-def bits(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def assert_bitwise(a, b, what):

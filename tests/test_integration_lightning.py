@@ -27,6 +27,7 @@ from async_ckpt import CheckpointManager, CheckpointManagerOptions, SaveError
 from async_ckpt.integrations import IntegrationError
 from async_ckpt.integrations.export import main as export_main
 from async_ckpt.integrations.lightning import AsyncCheckpointIO
+from bitwise import bits, same
 
 for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
     logging.getLogger(name).setLevel(logging.ERROR)
@@ -87,20 +88,6 @@ def fit(root, plugin=None, ckpt_path=None, stop=None, model_seed=0):
                          default_root_dir=root, deterministic=True)
     trainer.fit(module, train, val, ckpt_path=ckpt_path)
     return trainer, module, ckpt
-
-
-def bits(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def same(a, b):
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.fixture(scope="module")
