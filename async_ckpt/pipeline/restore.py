@@ -286,7 +286,8 @@ def restore_into(target: Any, saved: Any, path: str) -> Any:
 
     Stateful objects get ``load_state_dict``; tensors and ndarrays are copied into;
     dicts and lists are updated member by member; immutable values are replaced
-    (the caller stores the returned value).
+    (the caller stores the returned value). The caller runs it under ``torch.no_grad()``
+    (parameters are copied into in place).
     """
     if isinstance(target, torch.Tensor):
         if not isinstance(saved, torch.Tensor):
@@ -294,11 +295,7 @@ def restore_into(target: Any, saved: Any, path: str) -> Any:
         if saved.shape != target.shape:
             raise RestoreError(f"{path}: shape {tuple(saved.shape)} in checkpoint, "
                                f"{tuple(target.shape)} in target")
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                target.copy_(saved)
-        else:
-            target.copy_(saved)
+        target.copy_(saved)
         return target
     if isinstance(target, np.ndarray):
         saved_arr = np.asarray(saved)
@@ -327,8 +324,8 @@ def restore_into(target: Any, saved: Any, path: str) -> Any:
             if key not in saved:
                 continue
             t, v = target[key], saved[key]
-            # A state dict is mostly tensors: copy same-shaped ones inline (the caller runs
-            # this under no_grad), everything else through the general path.
+            # A state dict is mostly tensors: copy same-shaped ones inline, everything else
+            # through the general path.
             if type(t) in _PLAIN_TENSORS and type(v) in _PLAIN_TENSORS and t.shape == v.shape:
                 if t is not v:         # v is t when its bytes were already copied in
                     t.copy_(v)
