@@ -3,8 +3,11 @@
 #include <fcntl.h>
 
 #include <algorithm>
-#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <numeric>
 #include <exception>
 #include <new>
 
@@ -19,21 +22,66 @@
 namespace ackpt {
 namespace {
 
-constexpr size_t kSlice = size_t(4) << 20;  // buffered raw reads: pread and crc slice by slice
+// Verify (no destination) reads a raw chunk into scratch whole up to kHoldMax, larger ones
+// slice by slice under the file's turn (memory never depends on what a record declares).
+constexpr size_t kHoldMax = size_t(64) << 20;
+constexpr size_t kSlice = size_t(4) << 20;
 
-// Large raw chunks at 4096-aligned offsets (the writer's O_DIRECT chunks, which are not in
-// the page cache anyway) are read with O_DIRECT in kDirectSlice pieces, through an aligned
-// bounce buffer unless the destination is aligned. Measured on the dev VM (ext4/virtio,
-// 1 GiB cold, 4 threads, 64 MiB chunks, interleaved with a one-thread O_DIRECT sequential
-// read of 64 MiB requests): buffered preads reached 0.86-0.88 of that, O_DIRECT 1.0.
-constexpr size_t kAlign = 4096;
-constexpr size_t kDirectMin = size_t(1) << 20;
-constexpr size_t kDirectSlice = size_t(16) << 20;  // 8 MiB: 0.88-0.91 of the ceiling, 16-32: 1.0
+// Reads of one file are issued in file order, one job at a time, through the page cache: the
+// kernel's readahead then sees one sequential stream, while the other workers checksum and
+// decode what was read. Measured on the dev VM (ext4 on virtio, cold cache, 2 threads,
+// median of 5): 1 GiB in 32 MiB chunks 444 ms this way vs 556 ms with O_DIRECT preads on
+// every thread; a 253 MiB transformer + AdamW restore 140 vs 225 ms. Buffered preads from
+// several threads at once break readahead (4 threads: 1.07 vs 2.3 GB/s for one stream).
+class FileOrder {
+ public:
+  void wait(size_t turn) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return next_ == turn; });
+  }
+  void pass(size_t turn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      next_ = turn + 1;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t next_ = 0;
+};
+
+// A job's turn: waits for it on construction and passes it on exactly once, at release() or,
+// when the job throws first, on destruction (so later jobs of the file never wait forever).
+class Turn {
+ public:
+  Turn(FileOrder& order, size_t turn) : order_(order), turn_(turn) { order_.wait(turn_); }
+  ~Turn() { release(); }
+  Turn(const Turn&) = delete;
+  Turn& operator=(const Turn&) = delete;
+  void release() {
+    if (held_) order_.pass(turn_);
+    held_ = false;
+  }
+
+ private:
+  FileOrder& order_;
+  size_t turn_;
+  bool held_ = true;
+};
+
+// A checkpoint is read once: its pages leave the page cache as soon as they are copied out.
+// Without this, reading 1 GiB took 652-1179 ms instead of 414-597 ms (same VM, 5 runs each):
+// the page cache grows by the whole step and new pages are found more slowly.
+void drop_cached(const Fd& fd, uint64_t offset, uint64_t len) {
+  (void)::posix_fadvise(fd.get(), static_cast<off_t>(offset), static_cast<off_t>(len), POSIX_FADV_DONTNEED);
+}
 
 struct OpenFile {
+  FileOrder order;
   Fd fd;
-  Fd direct;  // O_DIRECT descriptor of the same inode; invalid when unavailable
-  mutable std::atomic<bool> direct_ok{false};
   uint64_t size = 0;
   std::string error;  // collect_errors: why the open failed
 };
@@ -41,7 +89,7 @@ struct OpenFile {
 constexpr size_t kStreamSlice = size_t(1) << 20;  // decoded bytes per piece without a destination
 
 struct Scratch {
-  Buf stored, decoded, bounce, slice;
+  Buf stored, decoded, slice;
 };
 
 // crc32c of decoded bytes that arrive in pieces (no destination: verify --deep).
@@ -134,8 +182,8 @@ std::string hex(uint32_t v) {
   return b;
 }
 
-void read_job(const std::vector<std::string>& paths, const std::vector<OpenFile>& files,
-              const ReadJob& j, size_t index, Scratch& s) {
+void read_job(const std::vector<std::string>& paths, std::vector<OpenFile>& files,
+              const ReadJob& j, size_t index, size_t turn, Scratch& s) {
   const ChunkRecord& r = j.rec;
   const std::string name =
       j.chunk >= 0 ? "chunk " + std::to_string(j.chunk) : "read job " + std::to_string(index);
@@ -143,7 +191,8 @@ void read_job(const std::vector<std::string>& paths, const std::vector<OpenFile>
     throw FormatError(name + ": file index " + std::to_string(r.file) + " out of range (" +
                       std::to_string(files.size()) + " paths)");
   const std::string& path = paths[r.file];
-  const OpenFile& f = files[r.file];
+  OpenFile& f = files[r.file];
+  Turn my_turn(f.order, turn);  // released once this job's bytes are read (or it throws)
   const std::string where = name + " ('" + path + "', offset " + std::to_string(r.offset) +
                             ", length " + std::to_string(r.length) + ")";
   if (!f.error.empty()) throw Error(f.error);  // collect_errors only; already prefixed
@@ -185,44 +234,38 @@ void read_job(const std::vector<std::string>& paths, const std::vector<OpenFile>
   };
 
   if (r.codec == kCodecRaw) {
-    // Straight into dst (or slice-sized scratch when verifying), crc while the slice is hot.
-    uint32_t c = 0;
-    size_t pos = 0;
-    if (r.length >= kDirectMin && r.offset % kAlign == 0 && f.direct_ok.load()) {
-      char* bounce = s.bounce.ensure(kDirectSlice);
-      for (; pos < r.length; pos += kDirectSlice) {
-        const size_t n = std::min<size_t>(kDirectSlice, r.length - pos);
-        char* want = j.dst ? static_cast<char*>(j.dst) + pos : bounce;
-        const bool in_place = reinterpret_cast<uintptr_t>(want) % kAlign == 0 && n % kAlign == 0;
-        char* buf = in_place ? want : bounce;
-        size_t got;
-        try {
-          got = pread_full(f.direct, buf, (n + kAlign - 1) / kAlign * kAlign, r.offset + pos);
-        } catch (const IoError& e) {
-          if (e.err() != EINVAL) throw;
-          f.direct_ok.store(false);  // alignment refused: buffered from here on
-          break;
-        }
-        if (got < n) throw truncated(pos + got);
-        c = crc32c(c, buf, n);
-        if (buf != want) std::memcpy(want, buf, n);
+    // Into dst (or scratch when verifying) under the file's turn, then crc once the next
+    // job's read has started. A chunk too large for scratch is read and checked slice by slice.
+    char* out = static_cast<char*>(j.dst);
+    if (!out && r.length > kHoldMax) {
+      char* scratch = s.stored.ensure(kSlice);
+      uint32_t c = 0;
+      for (size_t pos = 0; pos < r.length; pos += kSlice) {
+        const size_t n = std::min<size_t>(kSlice, r.length - pos);
+        const size_t got = pread_full(f.fd, scratch, n, r.offset + pos);
+        if (got != n) throw truncated(pos + got);
+        drop_cached(f.fd, r.offset + pos, n);
+        c = crc32c(c, scratch, n);
       }
+      if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
+      return;
     }
-    char* scratch = j.dst ? nullptr : s.stored.ensure(std::min<size_t>(kSlice, r.length));
-    for (; pos < r.length; pos += kSlice) {
-      const size_t n = std::min<size_t>(kSlice, r.length - pos);
-      char* out = j.dst ? static_cast<char*>(j.dst) + pos : scratch;
-      const size_t got = pread_full(f.fd, out, n, r.offset + pos);
-      if (got != n) throw truncated(pos + got);
-      c = crc32c(c, out, n);
-    }
+    if (!out) out = s.stored.ensure(r.length);
+    const size_t got = pread_full(f.fd, out, r.length, r.offset);
+    if (got != r.length) throw truncated(got);
+    my_turn.release();
+    drop_cached(f.fd, r.offset, r.length);
+    const uint32_t c = crc32c(0, out, r.length);
     if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
     return;
   }
 
+
   char* stored = s.stored.ensure(r.length);
   const size_t got = pread_full(f.fd, stored, r.length, r.offset);
   if (got != r.length) throw truncated(got);
+  my_turn.release();
+  drop_cached(f.fd, r.offset, r.length);
   const uint32_t c = crc32c(0, stored, r.length);
   if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
 
@@ -305,22 +348,33 @@ std::vector<std::optional<std::string>> Reader::read(const std::vector<std::stri
   for (size_t k = 0; k < paths.size(); ++k) {
     try {
       files[k].fd = open_read(paths[k], &files[k].size);
-      files[k].direct = open_direct_like(files[k].fd, false);
-      files[k].direct_ok.store(files[k].direct.valid());
     } catch (...) {
       if (!collect_errors) throw;
       files[k].error = describe_current_exception();
     }
   }
+  // Hand jobs out in file order; a job's turn is its place among its file's jobs. The pool
+  // hands out tasks in index order, so every earlier turn is already held by a running job.
+  std::vector<size_t> order(jobs.size());
+  std::iota(order.begin(), order.end(), size_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const ChunkRecord &x = jobs[a].rec, &y = jobs[b].rec;
+    return x.file != y.file ? x.file < y.file : x.offset < y.offset;
+  });
+  std::vector<size_t> turn(jobs.size());
+  std::vector<size_t> seen(paths.size(), 0);
+  for (size_t i : order)
+    if (jobs[i].rec.file < paths.size()) turn[i] = seen[jobs[i].rec.file]++;  // else refused unread
   std::vector<std::optional<std::string>> errors(jobs.size());
   std::vector<Scratch> scratch(pool_.size());
-  pool_.run(jobs.size(), [&](size_t i, unsigned w) {
+  pool_.run(jobs.size(), [&](size_t k, unsigned w) {
+    const size_t i = order[k];
     if (!collect_errors) {
-      read_job(paths, files, jobs[i], i, scratch[w]);
+      read_job(paths, files, jobs[i], i, turn[i], scratch[w]);
       return;
     }
     try {
-      read_job(paths, files, jobs[i], i, scratch[w]);
+      read_job(paths, files, jobs[i], i, turn[i], scratch[w]);
     } catch (...) {
       errors[i] = describe_current_exception();
     }

@@ -91,6 +91,89 @@ def test_collect_errors_reports_each_job(tmp_path):
     assert msgs[3].startswith("FormatError:") and "out of range" in msgs[3]
 
 
+# ---------------------------------------------------------------- reads in file order
+# Jobs of one file are read one at a time in file order, whatever order they are given in;
+# a job that fails before or while reading passes its turn on, so nothing waits forever.
+
+def _pieces(tmp_path, count=12, size=300_000, files=1):
+    """``count`` raw chunks spread over ``files`` files (written in one call each)."""
+    rng = np.random.default_rng(3)
+    data = [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(count)]
+    paths, recs = [], []
+    per = -(-count // files)
+    for f in range(files):
+        path = str(tmp_path / f"d{f}.bin")
+        own = n.Writer(2).write([path], [n.WriteJob(d, 0, n.CODEC_RAW, 1, 0) for d in data[f * per:(f + 1) * per]])
+        paths.append(path)
+        recs += [(f, r) for r in own]
+    return paths, recs, data
+
+
+def _read_in_thread(reader, paths, jobs, collect):
+    box = {}
+
+    def go():
+        try:
+            box["out"] = reader.read(paths, jobs, collect_errors=collect)
+        except Exception as e:        # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "read hung"
+    return box
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("files", [1, 3])
+def test_jobs_in_any_order_read_every_chunk(tmp_path, threads, files):
+    paths, recs, data = _pieces(tmp_path, files=files)
+    order = np.random.default_rng(threads + files).permutation(len(recs))
+    dsts = [np.zeros(len(d), np.uint8) for d in data]
+    jobs = [job(recs[i][1], dsts[i], chunk=int(i), file=recs[i][0]) for i in order]
+    box = _read_in_thread(n.Reader(threads), paths, jobs, False)
+    assert "error" not in box
+    for d, dst in zip(data, dsts):
+        assert np.array_equal(d, dst)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_failing_jobs_pass_their_turn_on(tmp_path, threads):
+    paths, recs, data = _pieces(tmp_path)
+    dsts = [np.zeros(len(d), np.uint8) for d in data]
+    jobs = [job(r, dsts[i], chunk=i) for i, (_, r) in enumerate(recs)]
+    jobs[2] = job(recs[2][1], dsts[2], chunk=2, crc32c=recs[2][1].crc32c ^ 1, raw_crc32c=recs[2][1].crc32c ^ 1)
+    jobs[5] = job(recs[5][1], dsts[5], chunk=5, raw_length=recs[5][1].raw_length + 1)   # refused before reading
+    jobs[7] = job(recs[7][1], dsts[7], chunk=7, file=9)                                  # no such file
+    jobs[9] = job(recs[9][1], dsts[9], chunk=9, offset=10 ** 12)                         # past the end
+    box = _read_in_thread(n.Reader(threads), paths, list(reversed(jobs)), True)
+    msgs = list(reversed(box["out"]))
+    bad = {2: "ChecksumError:", 5: "FormatError:", 7: "FormatError:", 9: "FormatError:"}
+    for i, msg in enumerate(msgs):
+        if i in bad:
+            assert msg is not None and msg.startswith(bad[i]), (i, msg)
+        else:
+            assert msg is None, (i, msg)
+            assert np.array_equal(data[i], dsts[i])
+    # Without collecting: the first error is raised, and the read returns.
+    box = _read_in_thread(n.Reader(threads), paths, jobs, False)
+    assert isinstance(box.get("error"), (ChecksumError, FormatError))
+
+
+def test_a_file_that_cannot_be_opened_fails_only_its_jobs(tmp_path):
+    paths, recs, data = _pieces(tmp_path, files=2)
+    missing = str(tmp_path / "gone.bin")
+    dsts = [np.zeros(len(d), np.uint8) for d in data]
+    jobs = [job(r, dsts[i], chunk=i, file=f) for i, (f, r) in enumerate(recs)]
+    box = _read_in_thread(n.Reader(2), [missing, paths[1]], jobs, True)
+    for i, ((f, _), msg) in enumerate(zip(recs, box["out"])):
+        if f == 0:
+            assert msg is not None and "gone.bin" in msg
+        else:
+            assert msg is None and np.array_equal(data[i], dsts[i])
+
+
 # ---------------------------------------------------------------- lying records
 
 
