@@ -178,7 +178,10 @@ def test_staged_restore_is_bitwise_in_place_and_keeps_no_reference_to_the_stagin
         assert mgr.restore({"model": live_model, "optimizer": live_opt, "big": live_big}, step=1) == 1
         assert mgr._pool.allocations == allocations        # the save's staging buffer was reused
         assert [p.data_ptr() for p in live_model.parameters()] + [live_big["w"].data_ptr()] == ptrs
-        assert staged_counts == [3]             # both weights and the big tensor
+        # Both weights, the big tensor, and the optimizer's existing state (moments and step
+        # counts): every array but the first bias, a 4 KiB chunk of its own, read into its
+        # own memory.
+        assert staged_counts == [16]
         # The next saves overwrite the staging buffer: the restored state must not change.
         for step, seed in ((2, 7), (3, 8)):
             other, other_opt = _trained(seed)
@@ -200,7 +203,7 @@ def test_staged_restore_with_a_bad_chunk_changes_nothing(tmp_path, staged_counts
     with CheckpointManager(tmp_path, _big_opts()) as mgr:
         with pytest.raises(ChecksumError):
             mgr.restore({"model": live_model, "optimizer": live_opt})
-    assert staged_counts == [2]
+    assert staged_counts == [12]          # weights, biases but one, moments and step counts
     _assert_holds(live_model, live_opt, before_model, before_opt)
 
 
@@ -246,6 +249,85 @@ def test_the_first_save_after_a_restore_in_a_new_manager_reuses_its_buffer(tmp_p
     live_model, live_opt = _trained(6)
     with CheckpointManager(tmp_path, _big_opts()) as mgr:        # a resumed run: nothing saved yet
         mgr.restore({"model": live_model, "optimizer": live_opt})
-        assert staged_counts == [2] and mgr._pool.allocations == 1
+        assert staged_counts == [12] and mgr._pool.allocations == 1
         mgr.save(2, {"model": live_model, "optimizer": live_opt})
         assert mgr._pool.allocations == 1          # the save fitted in the restore's buffer
+
+
+# ------------------------------------------------------------ shared chunks, staged whole
+# A shared chunk whose arrays (with live tensors) make up at least half its bytes is read
+# whole into the staging buffer; arrays in it without a live tensor get memory of their own.
+
+def _medium(seed: int, count: int = 12) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(40_000 + 1000 * i, generator=g) for i in range(count)}    # 160-204 KiB
+
+
+def test_an_existing_optimizer_state_is_restored_in_place(tmp_path, staged_counts):
+    model, opt = _trained(11)
+    _, want_opt = _copy_of(model, opt)
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+        live_model, live_opt = _trained(12)
+        # The weights' moments (2 MiB each) are staged; the biases' may share a chunk that is not.
+        weights = [0, 2]
+        moments = [list(live_opt.state.values())[i]["exp_avg"].data_ptr() for i in weights]
+        mgr.restore({"model": live_model, "optimizer": live_opt}, step=1)
+        assert [list(live_opt.state.values())[i]["exp_avg"].data_ptr() for i in weights] == moments
+        mgr.save(2, {"model": _trained(13)[0], "optimizer": _trained(13)[1]})   # overwrites the staging buffer
+    assert staged_counts == [12]
+    _, got_opt = _copy_of(live_model, live_opt)
+    for i, state in want_opt.items():
+        for k, v in state.items():
+            assert torch.equal(got_opt[i][k], v), (i, k)
+
+
+def test_arrays_sharing_a_staged_chunk_without_a_live_tensor_own_their_memory(tmp_path, staged_counts,
+                                                                              monkeypatch):
+    from async_ckpt.pipeline import restore
+    rehomed: list[int] = []
+    real = restore._own_memory
+
+    def spy(arrays, sources, scratch):
+        before = dict(arrays)
+        real(arrays, sources, scratch)
+        rehomed.append(sum(arrays[i] is not before[i] for i in arrays))
+
+    monkeypatch.setattr(restore, "_own_memory", spy)
+    saved = _medium(21)
+    want = {k: v.clone() for k, v in saved.items()}
+    extra = np.arange(30_000, dtype=np.int64)
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"m": {**saved, "np": extra}})
+        live = _medium(22)
+        del live["t3"]                       # restored as a new entry of the dict
+        ptrs = {k: v.data_ptr() for k, v in live.items()}
+        mgr.restore({"m": live}, step=1)
+        assert staged_counts[0] >= 8 and rehomed[0] >= 1     # t3 or the ndarray shares a staged chunk
+        assert {k: v.data_ptr() for k, v in live.items() if k in ptrs} == ptrs
+        mgr.save(2, {"m": {**{k: torch.zeros_like(v) for k, v in saved.items()}, "np": extra * 0}})
+    for k, v in want.items():
+        assert torch.equal(live[k], v), k
+    assert np.array_equal(live["np"], extra)
+
+
+def test_a_state_of_tiny_tensors_is_not_staged(tmp_path, staged_counts):
+    saved = {f"p{i}": torch.full((8,), float(i)) for i in range(300)}
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"m": saved})
+        live = {k: torch.zeros(8) for k in saved}
+        mgr.restore({"m": live}, step=1)
+    assert staged_counts == [0]
+    assert all(torch.equal(live[k], v) for k, v in saved.items())
+
+
+def test_a_large_ndarray_is_staged_and_restored_in_place(tmp_path, staged_counts):
+    arr = np.random.default_rng(5).standard_normal(300_000)       # 2.3 MiB: whole chunks
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, {"a": {"x": arr}})
+        live = {"x": np.zeros_like(arr)}
+        target = live["x"]
+        mgr.restore({"a": live}, step=1)
+        mgr.save(2, {"a": {"x": np.ones_like(arr)}})
+    assert staged_counts == [1] and live["x"] is target
+    assert np.array_equal(target, arr)
