@@ -260,9 +260,28 @@ def test_aligned_source_and_larger_destination(tmp_path):
         path = str(tmp_path / f"{size}.bin")
         (rec,) = n.Writer(2).write([path], [n.WriteJob(src, 0)])
         assert os.path.getsize(path) == rec.offset + rec.length  # padding cut off
+        assert rec.crc32c == n.crc32c(src)
         dst = np.full(size + 10, 7, np.uint8)  # larger destination: only raw_length bytes written
         read_back([path], [rec], [dst])
         assert np.array_equal(dst[:size], src) and (dst[size:] == 7).all()
+
+
+def test_aligned_chunks_with_a_partial_last_page_share_a_file(tmp_path):
+    """Whole pages straight from the source, the partial last page through the bounce buffer,
+    several such chunks packed into one file by concurrent writers."""
+    backing = np.random.default_rng(1).integers(0, 256, 16 << 20, dtype=np.uint8)
+    base = (-backing.ctypes.data) % 4096
+    sizes = [(3 << 20) + 5, (1 << 20) + 4095, (2 << 20) + 1, (33 << 20) // 8 + 77]
+    starts = [base + k * (3 << 20) for k in range(len(sizes))]
+    srcs = [backing[s:s + size] for s, size in zip(starts, sizes)]
+    assert [len(x) for x in srcs] == sizes
+    path = str(tmp_path / "packed.bin")
+    recs = n.Writer(2).write([path], [n.WriteJob(src, 0) for src in srcs])
+    for src, rec in zip(srcs, recs):
+        assert rec.crc32c == n.crc32c(src) and rec.offset % 4096 == 0
+    dsts = [np.zeros_like(src) for src in srcs]
+    assert read_back([path], recs, dsts) == [None] * len(srcs)
+    assert all(np.array_equal(a, b) for a, b in zip(srcs, dsts))
 
 
 def test_auto_compresses_only_highly_redundant_data(tmp_path):
