@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from async_ckpt.format import manifest as M
+from async_ckpt.pipeline import saving
 from async_ckpt.format.manifest import ArrayEntry, ChunkEntry, FileEntry, ItemEntry, RankResult
 
 
@@ -40,10 +43,63 @@ def test_the_arrays_text_is_reused_only_for_the_same_entries():
     first = (ArrayEntry("torch.float32", (4, 4), 64, ((0, 0, 64),)),)
     m1 = M.merge_ranks(1, [_result(0, first)], writer="w", created_unix=0.0, metrics={})
     assert m1.to_bytes() == _plain(m1)
-    assert M._arrays_memo[0] is first
+    assert M._JSON_TEXTS.holds(first)
     # Equal-looking but another tuple (a changed structure builds new entries): serialised afresh.
     second = (ArrayEntry("torch.float32", (16,), 64, ((0, 0, 64),)),)
     m2 = M.merge_ranks(2, [_result(0, second)], writer="w", created_unix=0.0, metrics={})
     assert m2.to_bytes() == _plain(m2)
     assert b'"shape":[16]' in m2.to_bytes()
     assert m1.to_bytes() == _plain(m1)
+
+
+def test_the_tree_text_is_reused_only_for_the_same_tree_object():
+    arrays = (ArrayEntry("torch.float32", (4, 4), 64, ((0, 0, 64),)),)
+    r1 = _result(0, arrays)
+    m1 = M.merge_ranks(1, [r1], writer="w", created_unix=0.0, metrics={})
+    assert m1.to_bytes() == _plain(m1) and M._JSON_TEXTS.holds(r1.tree)
+    r2 = _result(0, arrays)                    # an equal tree, another object: serialised afresh
+    r2.tree["values"][1] = {"$": "float", "v": "inf"}
+    m2 = M.merge_ranks(2, [r2], writer="w", created_unix=0.0, metrics={})
+    assert m2.to_bytes() == _plain(m2) and b'"inf"' in m2.to_bytes()
+    assert m1.to_bytes() == _plain(m1)
+
+
+class _Plan:
+    """What saving.manifest_tree reads of a plan."""
+
+    def __init__(self, tree, layout):
+        self.tree, self.layout = tree, layout
+
+
+class _Layout:
+    def __init__(self):
+        self.tree = []
+
+
+@pytest.mark.parametrize("before,after", [(1, True), (True, 1), (0.0, -0.0), (1, 1.0), ([1, 2], (1, 2)),
+                                          ("a", "b"), (None, 0), ({"k": 1}, {"k": 2})])
+def test_a_tree_that_serialises_differently_is_never_replaced_by_the_last_one(before, after):
+    layout = _Layout()
+    first = {"$": "dict", "keys": ["x"], "values": [before]}
+    assert saving.manifest_tree(_Plan(first, layout)) is first
+    same = {"$": "dict", "keys": ["x"], "values": [before]}
+    assert saving.manifest_tree(_Plan(same, layout)) is first        # identical JSON: the last tree
+    changed = {"$": "dict", "keys": ["x"], "values": [after]}
+    got = saving.manifest_tree(_Plan(changed, layout))
+    assert got is changed
+    assert json.dumps(got) != json.dumps(first) or type(before) is not type(after)
+
+
+def test_saves_of_one_structure_share_the_tree_and_write_their_own_scalars(tmp_path):
+    import torch
+    from async_ckpt import CheckpointManager, CheckpointManagerOptions
+    opts = CheckpointManagerOptions(handle_sigterm=False, max_to_keep=None)
+    model = {"w": torch.zeros(4)}
+    with CheckpointManager(tmp_path, opts) as mgr:
+        for step, flag in ((1, 1), (2, 1), (3, True), (4, -0.0)):
+            mgr.save(step, {"model": model, "meta": {"flag": flag}})
+    for step, text in ((1, b'"values":[1]'), (2, b'"values":[1]'), (3, b'"values":[true]'), (4, b'"values":[-0.0]')):
+        data = (tmp_path / f"checkpoint-{step}" / "manifest.json").read_bytes()
+        assert text in data, step
+        assert data == M.seal(json.dumps(json.loads(data[:data.rindex(b',"self_sha256"')] + b"}"),
+                                         separators=(",", ":")).encode())

@@ -156,15 +156,18 @@ class Manifest:
         """The manifest file: compact JSON, sealed with its own digest (``self_sha256``).
 
         The same text as ``json.dumps(self.to_json())``, written in pieces so that each
-        rank's arrays list comes from :func:`_arrays_text`, which a run saving the same
-        structure every time serialises once."""
+        rank's tree and arrays list come from :data:`_JSON_TEXTS`: a run saving the same
+        structure every time hands the same objects to every save (pipeline/saving), and
+        they are serialised once."""
         doc = self._doc(with_arrays=False)
         ranks, extra = doc.pop("ranks"), doc.pop("extra")
-        pieces = []
-        for section, rank_doc in zip(self.ranks, ranks):
-            pieces.append(_dumps(rank_doc)[:-1] + ',"arrays":' + _arrays_text(section.arrays) + "}")
-        text = _dumps(doc)[:-1] + ',"ranks":[' + ",".join(pieces) + '],"extra":' + _dumps(extra) + "}"
-        return seal(text.encode())
+        pieces = [(_dumps(doc)[:-1] + ',"ranks":[').encode()]
+        for k, (section, rank_doc) in enumerate(zip(self.ranks, ranks)):
+            pieces += [f'{"," if k else ""}{{"rank":{section.rank},"items":{_dumps(rank_doc["items"])},"tree":'.encode(),
+                       _JSON_TEXTS.text(section.tree, _dumps_bytes), b',"arrays":',
+                       _JSON_TEXTS.text(section.arrays, _arrays_json), b"}"]
+        pieces.append(('],"extra":' + _dumps(extra) + "}").encode())
+        return _seal_pieces(pieces)
 
     def section(self, rank: int) -> RankSection:
         """The tree, items and arrays that ``rank`` saved."""
@@ -193,21 +196,42 @@ def _array_docs(arrays: Sequence[ArrayEntry]) -> list[Any]:
             for a in arrays]
 
 
-# The last arrays tuple serialised and its text. The save path hands the same (immutable)
-# tuple of entries to every save of an unchanged structure (pipeline/saving.array_entries),
-# so the writer thread serialises 20,000 entries once instead of at every save.
-_arrays_memo: list[Any] = [None, ""]
-_arrays_memo_lock = threading.Lock()
+def _dumps_bytes(doc: Any) -> bytes:
+    return _dumps(doc).encode()
 
 
-def _arrays_text(arrays: tuple[ArrayEntry, ...]) -> str:
-    with _arrays_memo_lock:
-        if _arrays_memo[0] is arrays:
-            return _arrays_memo[1]
-    text = _dumps(_array_docs(arrays))
-    with _arrays_memo_lock:
-        _arrays_memo[:] = [arrays, text]
-    return text
+def _arrays_json(arrays: tuple[ArrayEntry, ...]) -> bytes:
+    return _dumps_bytes(_array_docs(arrays))
+
+
+class _TextMemo:
+    """The JSON text of the last few objects serialised, by identity; holding each object
+    keeps its id from being reused. Only for objects nobody mutates: a save's manifest tree
+    and arrays tuple, which saves of an unchanged structure share (saving.array_entries,
+    saving.manifest_tree). A few slots, so that managers saving different states in turn
+    (or one state under several layouts) keep theirs. Any thread."""
+
+    def __init__(self, slots: int) -> None:
+        self._slots = slots
+        self._recent: list[tuple[Any, bytes]] = []
+        self._lock = threading.Lock()
+
+    def text(self, obj: Any, render: Any) -> bytes:
+        with self._lock:
+            for held, text in self._recent:
+                if held is obj:
+                    return text
+        text = render(obj)
+        with self._lock:
+            self._recent = [(obj, text)] + [e for e in self._recent if e[0] is not obj][:self._slots - 1]
+        return text
+
+    def holds(self, obj: Any) -> bool:
+        with self._lock:
+            return any(held is obj for held, _ in self._recent)
+
+
+_JSON_TEXTS = _TextMemo(8)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -609,7 +633,17 @@ def seal(content: bytes) -> bytes:
     SHA-256 of ``content``, appended as the object's last member (FORMAT.md section 2.3)."""
     if not (content.startswith(b"{") and content.endswith(b"}")) or content == b"{}":
         raise ValueError("seal() takes a non-empty compact JSON object")
-    return content[:-1] + b',"self_sha256":"' + hashlib.sha256(content).hexdigest().encode() + b'"}'
+    return _seal_pieces([content])
+
+
+def _seal_pieces(pieces: list[bytes]) -> bytes:
+    """seal() of the concatenation of ``pieces``, hashed piece by piece and joined once (a
+    manifest of 20,000 arrays is a few MB)."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    pieces[-1] = pieces[-1][:-1] + b',"self_sha256":"' + digest.hexdigest().encode() + b'"}'
+    return b"".join(pieces)
 
 
 def seal_state(data: bytes) -> Optional[bool]:

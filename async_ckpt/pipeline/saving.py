@@ -12,6 +12,7 @@ step is never touched.
 from __future__ import annotations
 
 import dataclasses
+import marshal
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,8 +71,8 @@ def write_rank(storage: Storage, location: str, step: int, rank: int, snapshot: 
     snapshot.wait()     # surfaces a copy error even if a backend finished without it
     faults.hit("after_data")
     plan = snapshot.plan
-    return RankResult(rank, written.files, written.chunks, dict(plan.items), plan.tree, array_entries(plan),
-                      written.reused_bytes)
+    return RankResult(rank, written.files, written.chunks, dict(plan.items), manifest_tree(plan),
+                      array_entries(plan), written.reused_bytes)
 
 
 def array_entries(plan: SavePlan) -> tuple[ArrayEntry, ...]:
@@ -94,6 +95,30 @@ def array_entries(plan: SavePlan) -> tuple[ArrayEntry, ...]:
     entries = _build_entries(plan)
     memo[:] = [basis, entries]
     return entries
+
+
+def manifest_tree(plan: SavePlan) -> Any:
+    """The tree for the manifest, on the writer thread: ``plan.tree``, or the tree of the
+    last save with this layout when the two serialise to the same JSON.
+
+    The tree holds the step's scalars, so it is encoded afresh at every save; but a run's
+    trees are usually identical, and the manifest serialises a tree it has seen once
+    (format.manifest._TextMemo, by identity). Identical means equal ``marshal`` bytes,
+    which tell apart what ``==`` does not and JSON does (``True`` and ``1``, ``0.0`` and
+    ``-0.0``): 3 ms for a tree of 20,000 tensors where its JSON takes 16 ms.
+    """
+    layout = plan.layout
+    if layout is None:
+        return plan.tree
+    try:
+        key = marshal.dumps(plan.tree, 4)
+    except ValueError:                # not plain JSON data (never from the encoder): no reuse
+        return plan.tree
+    memo = layout.tree                # [marshal bytes, tree] of the last save with this layout
+    if memo and memo[0] == key:
+        return memo[1]
+    memo[:] = [key, plan.tree]
+    return plan.tree
 
 
 def _build_entries(plan: SavePlan) -> tuple[ArrayEntry, ...]:
