@@ -4,10 +4,13 @@ its output must stay byte-identical to one json.dumps of the whole document."""
 from __future__ import annotations
 
 import json
+from enum import IntFlag as _IntFlag
 
+import numpy as np
 import pytest
 
 from async_ckpt.format import manifest as M
+from async_ckpt.format.tree import encode_table
 from async_ckpt.pipeline import saving
 from async_ckpt.format.manifest import ArrayEntry, ChunkEntry, FileEntry, ItemEntry, RankResult
 
@@ -64,11 +67,16 @@ def test_the_tree_text_is_reused_only_for_the_same_tree_object():
     assert m1.to_bytes() == _plain(m1)
 
 
-class _Plan:
-    """What saving.manifest_tree reads of a plan."""
+class IntFlag(_IntFlag):
+    A = 1
 
-    def __init__(self, tree, layout):
-        self.tree, self.layout = tree, layout
+
+class _Plan:
+    """What saving.manifest_tree reads of a plan: the encoded tree, its table, the layout."""
+
+    def __init__(self, value, layout):
+        self.tree, self.arrays = encode_table({"x": value})
+        self.layout = layout
 
 
 class _Layout:
@@ -76,18 +84,22 @@ class _Layout:
         self.tree = []
 
 
-@pytest.mark.parametrize("before,after", [(1, True), (True, 1), (0.0, -0.0), (1, 1.0), ([1, 2], (1, 2)),
-                                          ("a", "b"), (None, 0), ({"k": 1}, {"k": 2})])
+@pytest.mark.parametrize("before,after", [(1, True), (True, 1), (False, 0), (0.0, -0.0), (-0.0, 0.0),
+                                          (1, 1.0), (2.0, 2), ([1, 2], (1, 2)), ("a", "b"), (None, 0),
+                                          ({"k": 1}, {"k": 2}), (float("nan"), float("nan")),
+                                          (np.float64(1.0), 1.0), (IntFlag.A, 1)])
 def test_a_tree_that_serialises_differently_is_never_replaced_by_the_last_one(before, after):
     layout = _Layout()
-    first = {"$": "dict", "keys": ["x"], "values": [before]}
-    assert saving.manifest_tree(_Plan(first, layout)) is first
-    same = {"$": "dict", "keys": ["x"], "values": [before]}
-    assert saving.manifest_tree(_Plan(same, layout)) is first        # identical JSON: the last tree
-    changed = {"$": "dict", "keys": ["x"], "values": [after]}
-    got = saving.manifest_tree(_Plan(changed, layout))
-    assert got is changed
-    assert json.dumps(got) != json.dumps(first) or type(before) is not type(after)
+    first = _Plan(before, layout)
+    assert saving.manifest_tree(first) is first.tree
+    same = _Plan(before, layout)
+    if before == before:                     # NaN never equals itself: always afresh
+        assert saving.manifest_tree(same) is first.tree     # the same JSON: the last tree
+    changed = _Plan(after, layout)
+    got = saving.manifest_tree(changed)
+    if json.dumps(changed.tree) != json.dumps(first.tree):
+        assert got is changed.tree
+    assert json.dumps(got) == json.dumps(changed.tree)
 
 
 def test_saves_of_one_structure_share_the_tree_and_write_their_own_scalars(tmp_path):

@@ -185,13 +185,14 @@ class _Encoder:
     """
 
     __slots__ = ("add_dtype", "add_host", "add_nbytes", "add_shape", "add_value", "by_id", "by_key", "by_ptr",
-                 "devices", "keep", "max_depth", "table")
+                 "devices", "keep", "kinds", "max_depth", "table")
 
     def __init__(self, max_depth: int) -> None:
         self.table = t = ArrayTable()
         self.add_value, self.add_dtype, self.add_shape = t.values.append, t.dtypes.append, t.shapes.append
         self.add_nbytes, self.add_host = t.nbytes.append, t.host.append
         self.by_id: dict[int, tuple[int, str]] = {}   # id(tensor/ndarray) -> (index, device)
+        self.kinds = self.table.scalar_kinds
         self.by_key: dict[tuple, int] = {}             # storage view -> index (tied tensors)
         # data_ptr of a CPU tensor -> index of the first array seen there, or -1 once every
         # array at that address is in by_key: stride() and the full key wait for a collision.
@@ -202,10 +203,13 @@ class _Encoder:
 
     def enc(self, obj: Any, depth: int) -> Node:
         t = type(obj)
-        if t is str or t is int or t is bool or obj is None:
+        if t is str or obj is None:
+            return obj
+        if t is int or t is bool:
+            self.kinds.append(t)
             return obj
         if t is float:
-            return obj if math.isfinite(obj) else _float_node(obj)
+            return self.float_leaf(obj)
         if t is dict or t is list or t is tuple:
             return self.container(obj, depth)
         if torch is not None and isinstance(obj, torch.Tensor):
@@ -414,11 +418,11 @@ class _Encoder:
         if isinstance(obj, (dict, list, tuple)):
             return self.container(obj, depth)
         if isinstance(obj, float):  # float subclasses (np.float64 is handled above)
-            obj = float(obj)
-            return obj if math.isfinite(obj) else _float_node(obj)
+            return self.float_leaf(float(obj))
         if isinstance(obj, str):
             return str.__str__(obj)
         if isinstance(obj, int):  # bool is handled by the fast path; IntEnum and friends
+            self.kinds.append(int)
             return int.__index__(obj)
         if isinstance(obj, np.random.Generator):
             return {"$": "np.generator", "v": self.wrapped(obj.bit_generator.state, depth)}
@@ -428,6 +432,12 @@ class _Encoder:
             return {"$": "state", "type": _qualname(obj), "v": self.wrapped(obj.state_dict(), depth)}
         raise _PathError(f"cannot save a value of type {_qualname(obj)} "
                          "(no state_dict()/load_state_dict(); see docs/FORMAT.md section 5)")
+
+    def float_leaf(self, x: float) -> Node:
+        if not math.isfinite(x):
+            return _float_node(x)
+        self.kinds.append(float if x or math.copysign(1.0, x) > 0 else _NEGATIVE_ZERO)
+        return x
 
     def wrapped(self, value: Any, depth: int) -> Node:
         if depth >= self.max_depth:
@@ -446,6 +456,9 @@ def _normalise_key(k: Any) -> str | int:
     raise e
 
 
+_NEGATIVE_ZERO = "-0.0"
+
+
 def _float_node(x: float) -> dict:
     return {"$": "float", "v": "nan" if x != x else ("inf" if x > 0 else "-inf")}
 
@@ -462,7 +475,7 @@ class ArrayTable:
     encoding is done; any thread may read it.
     """
 
-    __slots__ = ("dtypes", "globals", "host", "nbytes", "shapes", "values")
+    __slots__ = ("dtypes", "globals", "host", "nbytes", "scalar_kinds", "shapes", "values")
 
     def __init__(self) -> None:
         self.values: list[Any] = []       # the caller's tensor/ndarray (a materialised copy for lazy bits)
@@ -472,6 +485,10 @@ class ArrayTable:
         self.host: list[int] = []
         # DTensor shards: index -> (global shape, global offset)
         self.globals: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        # The type of every number the tree holds, in encoding order (-0.0 marked apart):
+        # two trees that compare equal (==) and have equal kinds serialise to the same JSON,
+        # where == alone confuses True with 1, 1 with 1.0 and 0.0 with -0.0.
+        self.scalar_kinds: list[Any] = []
 
     def add(self, value: Any, dtype: str, shape: tuple[int, ...], nbytes: int, host: int) -> int:
         idx = len(self.values)

@@ -180,7 +180,7 @@ class _Layout:
     # Filled by the writer thread (saving.array_entries): (what else the entries depend on,
     # the manifest's ArrayEntry tuple), reused while that part matches.
     entries: list = field(default_factory=list)
-    # Filled by the writer thread (saving.manifest_tree): (the tree's marshal bytes, the tree).
+    # Filled by the writer thread (saving.manifest_tree): (the tree's scalar kinds, the tree).
     tree: list = field(default_factory=list)
 
 
