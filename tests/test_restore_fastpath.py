@@ -331,3 +331,48 @@ def test_a_large_ndarray_is_staged_and_restored_in_place(tmp_path, staged_counts
         mgr.save(2, {"a": {"x": np.ones_like(arr)}})
     assert staged_counts == [1] and live["x"] is target
     assert np.array_equal(target, arr)
+
+
+# ---------------------------------------------------------------- manifests already known
+# A manager restoring a step it published (or parsed) does not parse its manifest again when
+# the file's bytes have the same SHA-256; any other bytes are parsed afresh.
+
+@pytest.fixture
+def parses(monkeypatch):
+    from async_ckpt.storage import commit
+    count = [0]
+    real = commit.parse_manifest_bytes
+
+    def spy(data):
+        count[0] += 1
+        return real(data)
+
+    monkeypatch.setattr(commit, "parse_manifest_bytes", spy)
+    return count
+
+
+def test_a_step_this_manager_published_is_restored_without_parsing_its_manifest(tmp_path, parses):
+    state = {"m": {"w": torch.randn(100)}}
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:
+        mgr.save(1, state)
+        live = {"m": {"w": torch.zeros(100)}}
+        assert mgr.restore(live, step=1) == 1 and parses[0] == 0
+        assert torch.equal(live["m"]["w"], state["m"]["w"])
+    with CheckpointManager(tmp_path, _big_opts()) as mgr:        # a new manager parses once
+        mgr.restore({"m": {"w": torch.zeros(100)}}, step=1)
+        mgr.restore({"m": {"w": torch.zeros(100)}}, step=1)
+    assert parses[0] == 1
+
+
+def test_a_step_whose_files_were_replaced_is_read_from_the_new_manifest(tmp_path, parses):
+    import shutil
+    with CheckpointManager(tmp_path / "a", _big_opts()) as mgr:
+        mgr.save(1, {"m": {"w": torch.full((100,), 1.0)}})
+        with CheckpointManager(tmp_path / "b", _big_opts()) as other:
+            other.save(1, {"m": {"w": torch.full((100,), 2.0), "extra": torch.ones(3)}})
+        shutil.rmtree(tmp_path / "a" / "checkpoint-1")
+        shutil.copytree(tmp_path / "b" / "checkpoint-1", tmp_path / "a" / "checkpoint-1")
+        live = {"m": {"w": torch.zeros(100)}}
+        mgr.restore(live, step=1)
+    assert parses[0] == 1
+    assert torch.equal(live["m"]["w"], torch.full((100,), 2.0)) and torch.equal(live["m"]["extra"], torch.ones(3))

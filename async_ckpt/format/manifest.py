@@ -670,10 +670,11 @@ def parse_manifest_bytes(data: bytes) -> Manifest:
 
 # ----------------------------------------------------------------------------- commit marker
 
-def commit_marker_bytes(step: int, manifest_bytes: bytes) -> bytes:
-    """The COMMIT document binding ``step`` to the manifest's SHA-256."""
+def commit_marker_bytes(step: int, manifest_bytes: bytes, digest: Optional[str] = None) -> bytes:
+    """The COMMIT document binding ``step`` to the manifest's SHA-256 (``digest``, when the
+    caller has it already)."""
     return json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step,
-                       "manifest_sha256": manifest_digest(manifest_bytes)}).encode()
+                       "manifest_sha256": digest or manifest_digest(manifest_bytes)}).encode()
 
 
 def parse_commit_marker(data: bytes) -> dict[str, Any]:

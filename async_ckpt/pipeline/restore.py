@@ -33,19 +33,12 @@ _PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _ARRAY_TAGS = frozenset({"tensor", "ndarray"})
 
 
-# Fresh memory of this size and more starts on a page: the native reader then reads raw
-# chunks with O_DIRECT straight into it instead of through a bounce buffer and a memcpy.
 _PAGE = 4096
-_ALIGN_FROM = 1 << 20
 
 
 def _empty_bytes(nbytes: int) -> torch.Tensor:
-    """``nbytes`` uninitialised bytes, page-aligned when large."""
-    if nbytes < _ALIGN_FROM:
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
-    base = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
-    skip = -base.data_ptr() % _PAGE
-    return base[skip:skip + nbytes]
+    """``nbytes`` uninitialised bytes (the reader's buffered preads need no alignment)."""
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
 
 
 def _allocate(dtype: str, shape: Sequence[int], nbytes: int) -> tuple[Any, np.ndarray]:
@@ -631,8 +624,8 @@ def _staged_chunks(arrays: Sequence[Any], chunks: Sequence[Any], candidates: set
 
 
 class _Layout:
-    """Page-aligned places in one scratch buffer: staged arrays of whole chunks (O_DIRECT
-    reads land in place) and staged shared chunks."""
+    """Page-aligned places in one scratch buffer: staged arrays of whole chunks and staged
+    shared chunks."""
 
     def __init__(self) -> None:
         self.arrays: dict[int, int] = {}     # array index → offset
