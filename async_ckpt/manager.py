@@ -608,8 +608,15 @@ class CheckpointManager:
         save's (one in-flight slot) and given back to the pool for the next save to reuse."""
         self._slots.acquire()
         try:
+            allocations = self._pool.allocations
             buffer = self._pool.acquire(nbytes)
             try:
+                if self._pool.allocations != allocations:
+                    # A new buffer: fault its pages in with one multi-threaded pass before the
+                    # reader copies into it. Faulted one at a time inside the reader's copies,
+                    # a new manager's restore of 1 GiB fp32 took 0.84-1.64 s (median 1.24 s, 4
+                    # runs) on the dev VM; touched first, 0.81-1.01 s (median 0.87 s).
+                    buffer[:nbytes].fill_(0)
                 yield buffer[:nbytes]
             finally:
                 self._pool.release(buffer)
