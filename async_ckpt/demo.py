@@ -278,6 +278,11 @@ def _train(args: argparse.Namespace, world: World, out) -> list[tuple[int, float
                 mgr.wait_until_finished()
                 _report(handles, out)
                 print(f"simulating a crash at step {step} (SIGKILL)", file=out, flush=True)
+                if world.distributed:
+                    # No rank dies before every rank has reported: torchrun tears the others
+                    # down as soon as one exits, which could cut rank 0 short of its report.
+                    import torch.distributed as dist
+                    dist.barrier()
                 os.kill(os.getpid(), signal.SIGKILL)
         mgr.wait_until_finished()
         _report(handles, out)
