@@ -623,7 +623,7 @@ def _staged_chunks(arrays: Sequence[Any], chunks: Sequence[Any], candidates: set
     return {c for c, n in covered.items() if 2 * n >= chunks[c].raw_length}
 
 
-class _Layout:
+class _ScratchLayout:
     """Page-aligned places in one scratch buffer: staged arrays of whole chunks and staged
     shared chunks."""
 
@@ -639,8 +639,8 @@ class _Layout:
 
 
 def _scratch_layout(arrays: Sequence[Any], chunks: Sequence[Any],
-                    staged: Mapping[str, Mapping[int, Any]]) -> _Layout:
-    layout = _Layout()
+                    staged: Mapping[str, Mapping[int, Any]]) -> _ScratchLayout:
+    layout = _ScratchLayout()
     for found in staged.values():
         for index in sorted(found):
             entry = arrays[index]
