@@ -105,10 +105,15 @@ class Writer:
 
 class ReadJob:
     def __init__(self, file: int, offset: int, length: int, raw_length: int, codec: int, shuffle: int,
-                 crc32c: int, raw_crc32c: int, dst: _Buffer | None = None, chunk: int = -1) -> None:
-        """dst None means verify only (read, check both crcs, decode, discard). dst must be a
-        writable C-contiguous buffer of at least raw_length bytes; only its first raw_length
-        bytes are written. ``chunk`` is echoed in error messages and as ChecksumError.chunk
+                 crc32c: int, raw_crc32c: int, dst: _Buffer | None = None, chunk: int = -1,
+                 pieces: Sequence[tuple[_Buffer, _Buffer | None]] | None = None) -> None:
+        """dst None (and no pieces) means verify only (read, check both crcs, decode, discard).
+        dst must be a writable C-contiguous buffer of at least raw_length bytes; only its first
+        raw_length bytes are written. ``pieces`` instead scatters the decoded bytes, in order,
+        over writable buffers whose lengths sum to raw_length; a piece's backup (as long as
+        it, not overlapping it) receives the piece's current bytes before they are
+        overwritten, and they are put back if the read fails (Reader.read). Pieces of different
+        jobs must not overlap. ``chunk`` is echoed in error messages and as ChecksumError.chunk
         (-1: messages name the job index, ChecksumError.chunk is None). Negative, non-int or
         oversized fields raise FormatError here."""
     file: int
@@ -120,6 +125,7 @@ class ReadJob:
     crc32c: int
     raw_crc32c: int
     dst: _Buffer | None
+    pieces: Sequence[tuple[_Buffer, _Buffer | None]] | None
     chunk: int
 
 class Reader:
@@ -130,7 +136,10 @@ class Reader:
         pread, check crc32c, decode into dst (bounds checked), check raw_crc32c.
         collect_errors=False raises the first error; True returns one message per job (None = ok),
         each starting with the error kind: "FormatError: ", "ChecksumError: ", "CodecError: ",
-        "StorageError: " (a file that cannot be opened fails every job that references it)."""
+        "StorageError: " (a file that cannot be opened fails every job that references it).
+        Backed-up pieces: when read raises, every piece any job began to overwrite holds its
+        backup's bytes again; with collect_errors, each failed job puts back its own.
+        Backups are taken by the worker while the previous job of its file is still reading."""
 
 def fsync_dir(path: str) -> None: ...
 def fsync_file(path: str) -> None: ...

@@ -584,12 +584,13 @@ class CheckpointManager:
 
         Items the checkpoint holds but ``state`` does not name are left alone; an item
         ``state`` names that the checkpoint lacks raises RestoreError. RNG streams are
-        restored last. By default (``atomic``) every chunk is checked before a byte reaches
-        a live tensor, and shapes and module keys before any item is applied: a restore that
-        raises (a ChecksumError, a mismatched model) leaves ``state`` as it was. With
-        ``atomic=False`` matching CPU tensors (module parameters and buffers, tensors in
-        dicts) are decoded into directly, one copy less; if that restore raises, those
-        targets may hold partial data.
+        restored last. By default (``atomic``) a restore that raises (a ChecksumError, a
+        mismatched model) leaves ``state`` as it was: matching CPU tensors (module parameters
+        and buffers, an optimizer's existing state, tensors in dicts) are read into
+        directly, after the reader has copied their bytes into the staging buffer, and
+        those bytes are put back if anything fails before their item is applied. With
+        ``atomic=False`` there is no such copy; if that restore raises, those targets may
+        hold partial data.
         """
         self._check_open()
         with paused_gc():

@@ -90,6 +90,29 @@ py::buffer_info request(const py::handle& obj, bool writable, const char* what) 
 
 size_t nbytes(const py::buffer_info& b) { return static_cast<size_t>(b.size * b.itemsize); }
 
+// ReadJob.pieces -> ReadPiece list; the buffers stay requested in `held` while the read runs.
+std::vector<ReadPiece> to_read_pieces(const py::object& pieces, std::vector<py::buffer_info>& held) {
+  std::vector<ReadPiece> out;
+  for (const py::handle& item : pieces) {
+    if (!py::isinstance<py::tuple>(item) || py::len(item) != 2)
+      raise_format("ReadJob.pieces: each piece must be a (dst, backup) tuple");
+    const py::tuple pair = py::reinterpret_borrow<py::tuple>(item);
+    held.push_back(request(pair[0], true, "ReadJob piece dst"));
+    ReadPiece p;
+    p.dst = static_cast<char*>(held.back().ptr);
+    p.len = nbytes(held.back());
+    if (!pair[1].is_none()) {
+      held.push_back(request(pair[1], true, "ReadJob piece backup"));
+      if (nbytes(held.back()) != p.len) raise_format("ReadJob piece backup must be as long as its dst");
+      p.backup = static_cast<char*>(held.back().ptr);
+      const char *a = p.dst, *b = p.backup;
+      if (a < b + p.len && b < a + p.len) raise_format("ReadJob piece backup overlaps its dst");
+    }
+    out.push_back(p);
+  }
+  return out;
+}
+
 struct PyWriteJob {
   py::object src;
   uint32_t file;
@@ -112,6 +135,7 @@ std::vector<crcmath::Piece> to_pieces(
 struct PyReadJob {
   ChunkRecord rec;
   py::object dst;
+  py::object pieces;  // None, or a sequence of (dst, backup-or-None) buffer pairs
   int64_t chunk;
 };
 
@@ -335,7 +359,7 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init([](const py::object& file, const py::object& offset, const py::object& length,
                        const py::object& raw_length, const py::object& codec,
                        const py::object& shuffle, const py::object& crc, const py::object& raw_crc,
-                       py::object dst, const py::object& chunk) {
+                       py::object dst, const py::object& chunk, py::object pieces) {
              PyReadJob j;
              j.rec.file = static_cast<uint32_t>(to_u64(file, "file", UINT32_MAX));
              j.rec.offset = to_u64(offset, "offset", uint64_t(INT64_MAX));
@@ -349,11 +373,17 @@ PYBIND11_MODULE(_native, m) {
                raise_format("dst does not support the buffer protocol");
              j.dst = std::move(dst);
              j.chunk = to_i64(chunk, "chunk");
+             if (!pieces.is_none()) {
+               if (!j.dst.is_none()) raise_format("ReadJob takes dst or pieces, not both");
+               if (!py::isinstance<py::sequence>(pieces) || py::isinstance<py::str>(pieces))
+                 raise_format("pieces must be a sequence of (dst, backup) pairs");
+             }
+             j.pieces = std::move(pieces);
              return j;
            }),
            py::arg("file"), py::arg("offset"), py::arg("length"), py::arg("raw_length"),
            py::arg("codec"), py::arg("shuffle"), py::arg("crc32c"), py::arg("raw_crc32c"),
-           py::arg("dst") = py::none(), py::arg("chunk") = -1)
+           py::arg("dst") = py::none(), py::arg("chunk") = -1, py::arg("pieces") = py::none())
       .def_property_readonly("file", [](const PyReadJob& j) { return j.rec.file; })
       .def_property_readonly("offset", [](const PyReadJob& j) { return j.rec.offset; })
       .def_property_readonly("length", [](const PyReadJob& j) { return j.rec.length; })
@@ -363,6 +393,7 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("crc32c", [](const PyReadJob& j) { return j.rec.crc32c; })
       .def_property_readonly("raw_crc32c", [](const PyReadJob& j) { return j.rec.raw_crc32c; })
       .def_readonly("dst", &PyReadJob::dst)
+      .def_readonly("pieces", &PyReadJob::pieces)
       .def_readonly("chunk", &PyReadJob::chunk);
 
   py::class_<Reader>(m, "Reader")
@@ -388,6 +419,7 @@ PYBIND11_MODULE(_native, m) {
                 jobs[i].dst = held.back().ptr;
                 jobs[i].dst_len = nbytes(held.back());
               }
+              if (!pj[i]->pieces.is_none()) jobs[i].pieces = to_read_pieces(pj[i]->pieces, held);
             }
             py::gil_scoped_release nogil;
             return r.read(paths, jobs, collect_errors);

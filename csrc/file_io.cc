@@ -4,7 +4,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 
 #include "errors.h"
@@ -116,6 +118,32 @@ size_t pread_full(const Fd& fd, void* buf, size_t len, uint64_t offset) {
     }
     if (r == 0) break;  // end of file
     done += static_cast<size_t>(r);
+  }
+  return done;
+}
+
+size_t preadv_full(const Fd& fd, std::vector<struct iovec>& iov, uint64_t offset) {
+  size_t done = 0, first = 0;
+  while (first < iov.size()) {
+    if (iov[first].iov_len == 0) {
+      ++first;
+      continue;
+    }
+    const int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    const ssize_t r = ::preadv(fd.get(), &iov[first], count, static_cast<off_t>(offset + done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw_errno(errno, fd.path(), "preadv at offset " + std::to_string(offset + done));
+    }
+    if (r == 0) break;  // end of file
+    done += static_cast<size_t>(r);
+    for (size_t left = static_cast<size_t>(r); left;) {
+      const size_t take = std::min(left, iov[first].iov_len);
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + take;
+      iov[first].iov_len -= take;
+      left -= take;
+      if (iov[first].iov_len == 0) ++first;
+    }
   }
   return done;
 }

@@ -2,10 +2,12 @@
 #pragma once
 
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ackpt {
 
@@ -45,6 +47,9 @@ Fd open_read(const std::string& path, uint64_t* size);
 void pwrite_all(const Fd& fd, const void* buf, size_t len, uint64_t offset);
 // Returns the number of bytes read; less than len only at end of file.
 size_t pread_full(const Fd& fd, void* buf, size_t len, uint64_t offset);
+// One range into several buffers in order (preadv, IOV_MAX at a time). The iovecs are
+// consumed (advanced past what was read). Returns the bytes read; fewer only at end of file.
+size_t preadv_full(const Fd& fd, std::vector<struct iovec>& iov, uint64_t offset);
 
 void fsync_fd(const Fd& fd);
 void truncate_fd(const Fd& fd, uint64_t size);

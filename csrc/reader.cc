@@ -53,23 +53,31 @@ class FileOrder {
   size_t next_ = 0;
 };
 
-// A job's turn: waits for it on construction and passes it on exactly once, at release() or,
-// when the job throws first, on destruction (so later jobs of the file never wait forever).
+// A job's turn in its file. acquire() waits for it; it is passed on exactly once, at
+// release() or on destruction (waiting for it first if need be), so a job that throws never
+// leaves the file's later jobs waiting forever.
 class Turn {
  public:
-  Turn(FileOrder& order, size_t turn) : order_(order), turn_(turn) { order_.wait(turn_); }
+  Turn(FileOrder& order, size_t turn) : order_(order), turn_(turn) {}
   ~Turn() { release(); }
   Turn(const Turn&) = delete;
   Turn& operator=(const Turn&) = delete;
+  void acquire() {
+    if (!acquired_) order_.wait(turn_);
+    acquired_ = true;
+  }
   void release() {
-    if (held_) order_.pass(turn_);
-    held_ = false;
+    if (passed_) return;
+    acquire();
+    order_.pass(turn_);
+    passed_ = true;
   }
 
  private:
   FileOrder& order_;
   size_t turn_;
-  bool held_ = true;
+  bool acquired_ = false;
+  bool passed_ = false;
 };
 
 // A checkpoint is read once: its pages leave the page cache as soon as they are copied out.
@@ -89,8 +97,18 @@ struct OpenFile {
 constexpr size_t kStreamSlice = size_t(1) << 20;  // decoded bytes per piece without a destination
 
 struct Scratch {
-  Buf stored, decoded, slice;
+  Buf stored, decoded, slice, gathered;
 };
+
+void back_up(const ReadJob& j) {
+  for (const ReadPiece& p : j.pieces)
+    if (p.backup) std::memcpy(p.backup, p.dst, p.len);
+}
+
+void roll_back(const ReadJob& j) {
+  for (const ReadPiece& p : j.pieces)
+    if (p.backup) std::memcpy(p.dst, p.backup, p.len);
+}
 
 // crc32c of decoded bytes that arrive in pieces (no destination: verify --deep).
 class CrcSink : public zstd::Sink {
@@ -182,8 +200,9 @@ std::string hex(uint32_t v) {
   return b;
 }
 
+// `touched` is set before the job writes into any piece (Reader::read rolls those back).
 void read_job(const std::vector<std::string>& paths, std::vector<OpenFile>& files,
-              const ReadJob& j, size_t index, size_t turn, Scratch& s) {
+              const ReadJob& j, size_t index, size_t turn, Scratch& s, char& touched) {
   const ChunkRecord& r = j.rec;
   const std::string name =
       j.chunk >= 0 ? "chunk " + std::to_string(j.chunk) : "read job " + std::to_string(index);
@@ -210,6 +229,14 @@ void read_job(const std::vector<std::string>& paths, std::vector<OpenFile>& file
   if (r.offset > f.size || r.length > f.size - r.offset)
     throw FormatError(where + ": range ends past the end of the file (" + std::to_string(f.size) +
                       " bytes)");
+  if (!j.pieces.empty()) {
+    uint64_t total = 0;
+    for (const ReadPiece& p : j.pieces) total += p.len;
+    if (j.dst) throw FormatError(where + ": a destination and pieces at once");
+    if (total != r.raw_length)
+      throw FormatError(where + ": pieces hold " + std::to_string(total) +
+                        " bytes, raw_length is " + std::to_string(r.raw_length));
+  }
   if (r.codec == kCodecRaw) {
     if (r.length != r.raw_length)
       throw FormatError(where + ": raw chunk with length != raw_length (" +
@@ -223,6 +250,12 @@ void read_job(const std::vector<std::string>& paths, std::vector<OpenFile>& file
                       std::to_string(r.raw_length) + " bytes");
   }
 
+  // Back up live bytes while an earlier job of the file is still reading: the copy overlaps
+  // the disk instead of following it.
+  back_up(j);
+  touched = 1;
+  my_turn.acquire();
+
   auto truncated = [&](size_t got) {
     return FormatError(where + ": file ended after " + std::to_string(got) +
                        " bytes of the chunk (truncated while reading)");
@@ -233,6 +266,19 @@ void read_job(const std::vector<std::string>& paths, std::vector<OpenFile>& file
                          path, r.offset, j.chunk);
   };
 
+  if (r.codec == kCodecRaw && !j.pieces.empty()) {
+    std::vector<struct iovec> iov;
+    iov.reserve(j.pieces.size());
+    for (const ReadPiece& p : j.pieces) iov.push_back({p.dst, p.len});
+    const size_t got = preadv_full(f.fd, iov, r.offset);
+    if (got != r.length) throw truncated(got);
+    my_turn.release();
+    drop_cached(f.fd, r.offset, r.length);
+    uint32_t c = 0;
+    for (const ReadPiece& p : j.pieces) c = crc32c(c, p.dst, p.len);
+    if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
+    return;
+  }
   if (r.codec == kCodecRaw) {
     // Into dst (or scratch when verifying) under the file's turn, then crc once the next
     // job's read has started. A chunk too large for scratch is read and checked slice by slice.
@@ -269,7 +315,7 @@ void read_job(const std::vector<std::string>& paths, std::vector<OpenFile>& file
   const uint32_t c = crc32c(0, stored, r.length);
   if (c != r.crc32c) throw mismatch("stored bytes", r.crc32c, c);
 
-  if (!j.dst) {
+  if (!j.dst && j.pieces.empty()) {
     // No destination (verify --deep): stream the frame through a fixed slice and checksum
     // it on the fly, so memory never depends on what the frame declares.
     uint32_t rc;
@@ -297,7 +343,7 @@ void read_job(const std::vector<std::string>& paths, std::vector<OpenFile>& file
   // frame must declare exactly raw_length before anything is allocated or decoded: decoding
   // uses the destination itself, plus one raw_length scratch when unshuffling.
   char* out = nullptr;
-  char* final_out = static_cast<char*>(j.dst);
+  char* final_out = j.dst ? static_cast<char*>(j.dst) : s.gathered.ensure(r.raw_length);
   try {
     zstd::check_frame(stored, r.length, r.raw_length);  // before allocating scratch
     char* decoded = r.shuffle ? s.decoded.ensure(r.raw_length) : final_out;
@@ -315,6 +361,10 @@ void read_job(const std::vector<std::string>& paths, std::vector<OpenFile>& file
   }
   const uint32_t rc = crc32c(0, out, r.raw_length);
   if (rc != r.raw_crc32c) throw mismatch("decoded bytes", r.raw_crc32c, rc);
+  for (const ReadPiece& p : j.pieces) {
+    std::memcpy(p.dst, out, p.len);
+    out += p.len;
+  }
 }
 
 }  // namespace
@@ -367,18 +417,27 @@ std::vector<std::optional<std::string>> Reader::read(const std::vector<std::stri
     if (jobs[i].rec.file < paths.size()) turn[i] = seen[jobs[i].rec.file]++;  // else refused unread
   std::vector<std::optional<std::string>> errors(jobs.size());
   std::vector<Scratch> scratch(pool_.size());
-  pool_.run(jobs.size(), [&](size_t k, unsigned w) {
-    const size_t i = order[k];
-    if (!collect_errors) {
-      read_job(paths, files, jobs[i], i, turn[i], scratch[w]);
-      return;
-    }
-    try {
-      read_job(paths, files, jobs[i], i, turn[i], scratch[w]);
-    } catch (...) {
-      errors[i] = describe_current_exception();
-    }
-  });
+  std::vector<char> touched(jobs.size(), 0);  // each written by its own job only
+  try {
+    pool_.run(jobs.size(), [&](size_t k, unsigned w) {
+      const size_t i = order[k];
+      if (!collect_errors) {
+        read_job(paths, files, jobs[i], i, turn[i], scratch[w], touched[i]);
+        return;
+      }
+      try {
+        read_job(paths, files, jobs[i], i, turn[i], scratch[w], touched[i]);
+      } catch (...) {
+        errors[i] = describe_current_exception();
+        if (touched[i]) roll_back(jobs[i]);
+      }
+    });
+  } catch (...) {
+    // Every job has returned (run() waits for them before it rethrows).
+    for (size_t i = 0; i < jobs.size(); ++i)
+      if (touched[i]) roll_back(jobs[i]);
+    throw;
+  }
   return errors;
 }
 

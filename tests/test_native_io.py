@@ -161,6 +161,81 @@ def test_failing_jobs_pass_their_turn_on(tmp_path, threads):
     assert isinstance(box.get("error"), (ChecksumError, FormatError))
 
 
+# ---------------------------------------------------------------- pieces and backups
+# A job may scatter its chunk over several buffers; a piece with a backup has its old bytes
+# copied there first, and put back when the read fails.
+
+def _split(buf, cuts):
+    """Consecutive slices of ``buf`` at ``cuts``."""
+    edges = [0, *cuts, len(buf)]
+    return [buf[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def pieces_job(rec, pieces, chunk=3, **over):
+    base = job(rec, None, chunk, **over)
+    return n.ReadJob(base.file, base.offset, base.length, base.raw_length, base.codec, base.shuffle,
+                     base.crc32c, base.raw_crc32c, None, chunk, pieces)
+
+
+@pytest.mark.parametrize("codec,shuffle", [(n.CODEC_RAW, 0), (n.CODEC_ZSTD, 0), (n.CODEC_ZSTD, 4)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pieces_scatter_the_chunk_and_backups_keep_the_old_bytes(tmp_path, codec, shuffle, threads):
+    path, rec = write_one(tmp_path, FLOATS, codec, shuffle)
+    raw = FLOATS.view(np.uint8)
+    cuts = [0, 1, 4097, 400_000, 400_000, 799_999]        # empty, odd and page-crossing pieces
+    dsts = [np.full(len(p), 7, np.uint8) for p in _split(raw, cuts)]
+    backups = [np.zeros(len(d), np.uint8) if i % 2 else None for i, d in enumerate(dsts)]
+    n.Reader(threads).read([path], [pieces_job(rec, list(zip(dsts, backups)))])
+    assert np.array_equal(np.concatenate(dsts), raw)
+    for d, b in zip(dsts, backups):
+        if b is not None:
+            assert (b == 7).all()
+
+
+@pytest.mark.parametrize("collect", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_a_failed_read_puts_every_backed_up_piece_back(tmp_path, threads, collect):
+    paths, recs, data = _pieces(tmp_path)
+    live = [np.full(len(d), i, np.uint8) for i, d in enumerate(data)]
+    backups = [np.empty(len(d), np.uint8) for d in data]
+    jobs = [pieces_job(r, [(live[i][:1000], backups[i][:1000]), (live[i][1000:], backups[i][1000:])], chunk=i)
+            for i, (_, r) in enumerate(recs)]
+    bad = len(jobs) - 2              # read after most of the others have overwritten their pieces
+    flip(paths[0], recs[bad][1].offset + 5)
+    box = _read_in_thread(n.Reader(threads), paths, jobs, collect)
+    if collect:
+        msgs = box["out"]
+        assert msgs[bad].startswith("ChecksumError:") and all(m is None for i, m in enumerate(msgs) if i != bad)
+        for i, d in enumerate(data):     # only the failed job's pieces are put back
+            assert np.array_equal(live[i], d if i != bad else np.full(len(d), i, np.uint8)), i
+    else:
+        assert isinstance(box.get("error"), ChecksumError)
+        for i, arr in enumerate(live):
+            assert (arr == i).all(), i
+
+
+def test_pieces_are_checked(tmp_path):
+    path, rec = write_one(tmp_path, FLOATS)
+    raw_len = FLOATS.nbytes
+    short = [(np.empty(raw_len - 1, np.uint8), None)]
+    with pytest.raises(FormatError, match="pieces hold"):
+        n.Reader(1).read([path], [pieces_job(rec, short)])
+    buf = np.empty(raw_len, np.uint8)
+    with pytest.raises(FormatError, match="as long as"):
+        n.Reader(1).read([path], [pieces_job(rec, [(buf, np.empty(10, np.uint8))])])
+    with pytest.raises(FormatError, match="overlaps"):
+        n.Reader(1).read([path], [pieces_job(rec, [(buf[:100], buf[50:150]), (buf[100:], None)])])
+    with pytest.raises(FormatError, match="not both"):
+        n.ReadJob(rec.file, rec.offset, rec.length, rec.raw_length, rec.codec, rec.shuffle, rec.crc32c,
+                  rec.raw_crc32c, buf, 0, [(buf, None)])
+    with pytest.raises(FormatError, match="tuple"):
+        n.Reader(1).read([path], [pieces_job(rec, [buf])])
+    readonly = np.empty(raw_len, np.uint8)
+    readonly.flags.writeable = False
+    with pytest.raises(FormatError):
+        n.Reader(1).read([path], [pieces_job(rec, [(readonly, None)])])
+
+
 def test_a_file_that_cannot_be_opened_fails_only_its_jobs(tmp_path):
     paths, recs, data = _pieces(tmp_path, files=2)
     missing = str(tmp_path / "gone.bin")

@@ -113,3 +113,48 @@ def test_optimizer_with_other_param_groups_is_refused_before_the_model_changes(t
             mgr.restore({"model": live, "optimizer": torch.optim.AdamW(live.parameters())})
     for k, v in live.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class Refuses(torch.nn.Sequential):
+    """Passes every check before applying, then fails in load_state_dict (as a module with a
+    custom loader can)."""
+
+    def load_state_dict(self, *args, **kwargs):
+        raise RuntimeError("this module refuses its state")
+
+
+def test_an_item_failing_while_applied_keeps_its_tensors_and_the_next_items(tmp_path):
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"a": model_of(1), "b": Refuses(*model_of(2)), "c": model_of(3)})
+        want_a = snapshot(model_of(1))
+        live_a, live_b, live_c = model_of(4), Refuses(*model_of(5)), model_of(6)
+        before_b, before_c = snapshot(live_b), snapshot(live_c)
+        with pytest.raises(RestoreError, match=r"refuses its state.*\['a'\] were already restored"):
+            mgr.restore({"a": live_a, "b": live_b, "c": live_c}, step=1)
+    for k, v in live_a.state_dict().items():
+        assert torch.equal(v, want_a[k]), k
+    for live, before in ((live_b, before_b), (live_c, before_c)):
+        for k, v in live.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+def test_a_mismatch_found_after_reading_puts_the_tensors_back(tmp_path, monkeypatch):
+    from async_ckpt.pipeline import restore
+    read_in_place: list[int] = []
+    real = restore._in_place
+
+    def spy(*args, single_owner):
+        out = real(*args, single_owner=single_owner)
+        read_in_place.append(sum(len(v) for v in out.values()))
+        return out
+
+    monkeypatch.setattr(restore, "_in_place", spy)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"a": model_of(1), "b": torch.nn.Linear(4, 4)})
+        live_a, live_b = model_of(2), torch.nn.Linear(4, 5)
+        before = snapshot(live_a)
+        with pytest.raises(RestoreError, match="shape"):
+            mgr.restore({"a": live_a, "b": live_b}, step=1)
+    assert read_in_place == [16]          # a's 16 tensors were overwritten first
+    for k, v in live_a.state_dict().items():
+        assert torch.equal(v, before[k]), k

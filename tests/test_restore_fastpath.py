@@ -112,23 +112,26 @@ def test_paused_gc_nests_and_restores_on_error():
     assert gc.isenabled()
 
 
-# --------------------------------------------------------------------- large arrays, staged
-# Arrays of whole chunks from 1 MiB up are read into the manager's staging buffer during an
-# atomic restore and copied into the live tensor just before their item is applied.
+# ------------------------------------------------------------- read in place, backed up
+# An atomic restore reads saved arrays straight into the live tensors that match them; the
+# reader first copies each tensor's bytes into the manager's staging buffer, and they are
+# put back if anything fails before the tensor's item is applied.
 
 @pytest.fixture
 def staged_counts(monkeypatch):
-    """How many arrays each atomic restore staged (the tests below must exercise staging)."""
+    """How many arrays each atomic restore read in place, backed up (the tests below must
+    exercise that path)."""
     from async_ckpt.pipeline import restore
     counts: list[int] = []
-    real = restore._stageable
+    real = restore._in_place
 
-    def spy(*args):
-        out = real(*args)
-        counts.append(sum(len(v) for v in out.values()))
+    def spy(*args, single_owner):
+        out = real(*args, single_owner=single_owner)
+        if single_owner:
+            counts.append(sum(len(v) for v in out.values()))
         return out
 
-    monkeypatch.setattr(restore, "_stageable", spy)
+    monkeypatch.setattr(restore, "_in_place", spy)
     return counts
 
 
@@ -178,10 +181,9 @@ def test_staged_restore_is_bitwise_in_place_and_keeps_no_reference_to_the_stagin
         assert mgr.restore({"model": live_model, "optimizer": live_opt, "big": live_big}, step=1) == 1
         assert mgr._pool.allocations == allocations        # the save's staging buffer was reused
         assert [p.data_ptr() for p in live_model.parameters()] + [live_big["w"].data_ptr()] == ptrs
-        # Both weights, the big tensor, and the optimizer's existing state (moments and step
-        # counts): every array but the first bias, a 4 KiB chunk of its own, read into its
-        # own memory.
-        assert staged_counts == [16]
+        # Every array: both layers' weights and biases, the big tensor, and the optimizer's
+        # existing state (moments and step counts).
+        assert staged_counts == [17]
         # The next saves overwrite the staging buffer: the restored state must not change.
         for step, seed in ((2, 7), (3, 8)):
             other, other_opt = _trained(seed)
@@ -203,7 +205,7 @@ def test_staged_restore_with_a_bad_chunk_changes_nothing(tmp_path, staged_counts
     with CheckpointManager(tmp_path, _big_opts()) as mgr:
         with pytest.raises(ChecksumError):
             mgr.restore({"model": live_model, "optimizer": live_opt})
-    assert staged_counts == [12]          # weights, biases but one, moments and step counts
+    assert staged_counts == [16]          # weights, biases, moments and step counts
     _assert_holds(live_model, live_opt, before_model, before_opt)
 
 
@@ -249,14 +251,14 @@ def test_the_first_save_after_a_restore_in_a_new_manager_reuses_its_buffer(tmp_p
     live_model, live_opt = _trained(6)
     with CheckpointManager(tmp_path, _big_opts()) as mgr:        # a resumed run: nothing saved yet
         mgr.restore({"model": live_model, "optimizer": live_opt})
-        assert staged_counts == [12] and mgr._pool.allocations == 1
+        assert staged_counts == [16] and mgr._pool.allocations == 1
         mgr.save(2, {"model": live_model, "optimizer": live_opt})
         assert mgr._pool.allocations == 1          # the save fitted in the restore's buffer
 
 
-# ------------------------------------------------------------ shared chunks, staged whole
-# A shared chunk whose arrays (with live tensors) make up at least half its bytes is read
-# whole into the staging buffer; arrays in it without a live tensor get memory of their own.
+# ------------------------------------------------------------ shared chunks, scattered
+# A chunk shared by several arrays is read in pieces: straight into the live tensors that
+# match its arrays, and into a buffer of the chunk's own for the others.
 
 def _medium(seed: int, count: int = 12) -> dict:
     g = torch.Generator().manual_seed(seed)
@@ -269,42 +271,33 @@ def test_an_existing_optimizer_state_is_restored_in_place(tmp_path, staged_count
     with CheckpointManager(tmp_path, _big_opts()) as mgr:
         mgr.save(1, {"model": model, "optimizer": opt})
         live_model, live_opt = _trained(12)
-        # The weights' moments (2 MiB each) are staged; the biases' may share a chunk that is not.
-        weights = [0, 2]
+        weights = [0, 1, 2, 3]
         moments = [list(live_opt.state.values())[i]["exp_avg"].data_ptr() for i in weights]
         mgr.restore({"model": live_model, "optimizer": live_opt}, step=1)
         assert [list(live_opt.state.values())[i]["exp_avg"].data_ptr() for i in weights] == moments
         mgr.save(2, {"model": _trained(13)[0], "optimizer": _trained(13)[1]})   # overwrites the staging buffer
-    assert staged_counts == [12]
+    assert staged_counts == [16]
     _, got_opt = _copy_of(live_model, live_opt)
     for i, state in want_opt.items():
         for k, v in state.items():
             assert torch.equal(got_opt[i][k], v), (i, k)
 
 
-def test_arrays_sharing_a_staged_chunk_without_a_live_tensor_own_their_memory(tmp_path, staged_counts,
-                                                                              monkeypatch):
-    from async_ckpt.pipeline import restore
-    rehomed: list[int] = []
-    real = restore._own_memory
-
-    def spy(arrays, sources, scratch):
-        before = dict(arrays)
-        real(arrays, sources, scratch)
-        rehomed.append(sum(arrays[i] is not before[i] for i in arrays))
-
-    monkeypatch.setattr(restore, "_own_memory", spy)
+def test_a_shared_chunk_is_scattered_into_live_tensors_and_the_rest_owns_its_memory(tmp_path, staged_counts):
     saved = _medium(21)
     want = {k: v.clone() for k, v in saved.items()}
     extra = np.arange(30_000, dtype=np.int64)
     with CheckpointManager(tmp_path, _big_opts()) as mgr:
         mgr.save(1, {"m": {**saved, "np": extra}})
+        assert len(mgr._commit.status_of_step(1).manifest.chunks) < 13     # tensors share chunks
         live = _medium(22)
         del live["t3"]                       # restored as a new entry of the dict
         ptrs = {k: v.data_ptr() for k, v in live.items()}
         mgr.restore({"m": live}, step=1)
-        assert staged_counts[0] >= 8 and rehomed[0] >= 1     # t3 or the ndarray shares a staged chunk
+        assert staged_counts == [11]
         assert {k: v.data_ptr() for k, v in live.items() if k in ptrs} == ptrs
+        # The next save overwrites the staging buffer (the backups): t3 and the ndarray, read
+        # into their chunks' own memory, must not change.
         mgr.save(2, {"m": {**{k: torch.zeros_like(v) for k, v in saved.items()}, "np": extra * 0}})
     for k, v in want.items():
         assert torch.equal(live[k], v), k

@@ -10,6 +10,7 @@ the backend supports; the manager-level tests run through ``CheckpointManager`` 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -130,6 +131,36 @@ def test_reads_decode_into_the_given_destination(store):
     # check-only requests, decoded or not, need no destination
     reqs = [ReadRequest(i, c, None, decode=d) for i, c in enumerate(m.chunks) for d in (True, False)]
     assert store.storage.read(location, m.files, reqs, collect_errors=True) == [None] * len(reqs)
+
+
+def test_pieces_scatter_a_chunk_and_a_failed_read_puts_backed_up_pieces_back(store):
+    save(store, 4)
+    status = store.status_of_step(4)
+    m, location = status.manifest, store.where(status.name)
+    order = sorted(range(len(m.chunks)), key=lambda i: m.chunks[i].raw_length)
+    big, other = order[-1], order[-2]
+    whole = np.zeros(m.chunks[big].raw_length, np.uint8)
+    assert store.storage.read(location, m.files, [ReadRequest(big, m.chunks[big], memoryview(whole))]) == [None]
+
+    def request(index: int, live: np.ndarray, backup: np.ndarray, crc_flip: int = 0) -> ReadRequest:
+        third = len(live) // 3
+        chunk = m.chunks[index]
+        if crc_flip:
+            chunk = replace(chunk, crc32c=chunk.crc32c ^ crc_flip, raw_crc32c=chunk.raw_crc32c ^ crc_flip)
+        return ReadRequest(index, chunk, pieces=((memoryview(live[:third]), memoryview(backup[:third])),
+                                                 (memoryview(live[third:]), None)))
+
+    live = np.full(len(whole), 9, np.uint8)
+    backup = np.zeros(len(whole), np.uint8)
+    assert store.storage.read(location, m.files, [request(big, live, backup)]) == [None]
+    assert np.array_equal(live, whole) and (backup[:len(whole) // 3] == 9).all()
+    # A failing request next to a good one: the good one's backed-up piece holds its old bytes.
+    live, backup = np.full(len(whole), 9, np.uint8), np.zeros(len(whole), np.uint8)
+    live2 = np.full(m.chunks[other].raw_length, 5, np.uint8)
+    backup2 = np.zeros(len(live2), np.uint8)
+    with pytest.raises(ChecksumError):
+        store.storage.read(location, m.files, [request(big, live, backup), request(other, live2, backup2, 1)])
+    assert (live[:len(whole) // 3] == 9).all() and (live2[:len(live2) // 3] == 5).all()
 
 
 def test_crc_mismatch_names_file_offset_and_chunk(store):

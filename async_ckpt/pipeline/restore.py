@@ -33,9 +33,6 @@ _PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _ARRAY_TAGS = frozenset({"tensor", "ndarray"})
 
 
-_PAGE = 4096
-
-
 def _empty_bytes(nbytes: int) -> torch.Tensor:
     """``nbytes`` uninitialised bytes (the reader's buffered preads need no alignment)."""
     return torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
@@ -65,7 +62,7 @@ def _byte_view(value: Any) -> np.ndarray:
 def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int = 0,
                 indices: Optional[Iterable[int]] = None,
                 destinations: Optional[Mapping[int, Any]] = None,
-                chunk_buffers: Optional[Mapping[int, torch.Tensor]] = None) -> dict[int, Any]:
+                backups: Optional[Mapping[int, np.ndarray]] = None) -> dict[int, Any]:
     """Materialise the requested arrays of ``rank`` (all when ``indices`` is None) on CPU.
 
     An array made of whole chunks is decoded straight into its own fresh memory. A chunk
@@ -73,21 +70,24 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     own, and each array inside it is a view of that buffer: no per-tensor allocation or
     copy, and a caller keeping one small tensor keeps at most one chunk alive.
     ``destinations`` maps array indices to existing contiguous CPU tensors/ndarrays of the
-    right dtype and shape (see :func:`match_destinations`): those are decoded into in place
-    instead. If reading fails, they may hold partial data. ``chunk_buffers`` maps shared
-    chunks to memory the caller lends for their decoded bytes (the arrays inside are views
-    of it); other shared chunks get memory of their own.
+    right dtype and shape (see :func:`match_destinations`), whose memory must not overlap:
+    their bytes are read straight into them, a shared chunk's scattered over its arrays.
+    ``backups`` maps some of those indices to scratch bytes as long as the array: the
+    destination's current bytes are kept there before they are overwritten, and when
+    reading fails the storage has put them back. A destination without a backup may hold
+    partial data after a failure.
     """
     check_data_files(storage, location, manifest)   # before allocating what the manifest declares
     section = manifest.section(rank)
     wanted = sorted(set(range(len(section.arrays)) if indices is None else indices))
     destinations = destinations or {}
-    lent = chunk_buffers or {}
+    backups = backups or {}
     chunks = manifest.chunks
     out: dict[int, Any] = {}
     requests: list[ReadRequest] = []
-    slabs: dict[int, torch.Tensor] = {}                      # chunk → its decoded bytes
-    copies: list[tuple[np.ndarray, int, int, int, int]] = []  # (dst, dst_off, chunk, src_off, len)
+    slabs: dict[int, torch.Tensor] = {}                      # shared chunk → its own buffer
+    # shared chunk → (offset, destination bytes, backup bytes or None) read straight there
+    scattered: dict[int, list[tuple[int, np.ndarray, Optional[np.ndarray]]]] = {}
     direct: set[int] = set()                                  # chunks decoded straight into an array
 
     claimed: dict[int, int] = {}
@@ -96,12 +96,8 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     def slab(chunk: int) -> torch.Tensor:
         buf = slabs.get(chunk)
         if buf is None:
-            buf = lent.get(chunk)
-            if buf is None:
-                _check_claimed(manifest, chunk, claimed)
-                buf = _chunk_buffer(chunks[chunk].raw_length, f"chunk {chunk}")
-            slabs[chunk] = buf
-            requests.append(ReadRequest(chunk, chunks[chunk], memoryview(buf.numpy())))
+            _check_claimed(manifest, chunk, claimed)
+            buf = slabs[chunk] = _chunk_buffer(chunks[chunk].raw_length, f"chunk {chunk}")
         return buf
 
     for index in wanted:
@@ -109,9 +105,11 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
         if entry.stored_by is not None:        # a replica another rank wrote: read its bytes
             entry = manifest.section(entry.stored_by[0]).arrays[entry.stored_by[1]]
         parts = entry.parts
+        keep = None
         if index in destinations:
             value = destinations[index]
             raw = _byte_view(value)
+            keep = backups.get(index)
         elif len(parts) == 1 and (parts[0][1] or parts[0][2] != chunks[parts[0][0]].raw_length):
             # Inside a shared chunk: a view of the chunk's buffer when the start suits the dtype.
             chunk = parts[0][0]
@@ -125,18 +123,44 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
         out[index] = value
         cursor = 0
         for chunk, offset, length in parts:
-            if (offset == 0 and length == chunks[chunk].raw_length and chunk not in slabs
-                    and chunk not in direct):
-                direct.add(chunk)      # the chunk is exactly this piece: decode straight into the array
-                requests.append(ReadRequest(chunk, chunks[chunk], memoryview(raw[cursor:cursor + length])))
-            else:
-                slab(chunk)
-                copies.append((raw, cursor, chunk, offset, length))
+            piece = raw[cursor:cursor + length]
+            backup = None if keep is None else keep[cursor:cursor + length]
             cursor += length
+            if (offset == 0 and length == chunks[chunk].raw_length and chunk not in slabs
+                    and chunk not in scattered and chunk not in direct):
+                direct.add(chunk)      # the chunk is exactly this piece: decode straight into the array
+                if backup is None:
+                    requests.append(ReadRequest(chunk, chunks[chunk], memoryview(piece)))
+                else:
+                    requests.append(ReadRequest(chunk, chunks[chunk], pieces=((memoryview(piece), memoryview(backup)),)))
+            elif length:
+                scattered.setdefault(chunk, []).append((offset, piece, backup))
+    copies: list[tuple[np.ndarray, Optional[np.ndarray], int, int]] = []   # (dst, backup, chunk, offset)
+    for chunk in sorted(set(slabs) | set(scattered)):
+        places = sorted(scattered.get(chunk, ()), key=lambda p: p[0])
+        pieces: list[tuple[memoryview, Optional[memoryview]]] = []
+        pos = 0
+        for offset, dst, backup in places:
+            if offset < pos:           # arrays overlapping in the chunk (not what this library writes)
+                pieces = []
+                copies.extend((d, b, chunk, o) for o, d, b in places)
+                break
+            if offset > pos:
+                pieces.append((memoryview(slab(chunk).numpy()[pos:offset]), None))
+            pieces.append((memoryview(dst), None if backup is None else memoryview(backup)))
+            pos = offset + len(dst)
+        if not pieces:
+            requests.append(ReadRequest(chunk, chunks[chunk], memoryview(slab(chunk).numpy())))
+            continue
+        if pos < chunks[chunk].raw_length:
+            pieces.append((memoryview(slab(chunk).numpy()[pos:]), None))
+        requests.append(ReadRequest(chunk, chunks[chunk], pieces=tuple(pieces)))
     if requests:
         storage.read(location, manifest.files, requests)
-    for dst, dst_off, chunk, src_off, length in copies:
-        dst[dst_off:dst_off + length] = slabs[chunk].numpy()[src_off:src_off + length]
+    for dst, backup, chunk, offset in copies:
+        if backup is not None:
+            backup[:] = dst
+        dst[:] = slabs[chunk].numpy()[offset:offset + len(dst)]
     return out
 
 
@@ -377,7 +401,7 @@ def _source_rank(manifest: Manifest, rank: int, world_size: Optional[int]) -> in
 
 def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, tree: Any,
                 names: Optional[list[str]], destinations: Mapping[int, Any], live: Mapping[Any, Any],
-                chunk_buffers: Optional[Mapping[int, torch.Tensor]] = None) -> dict[int, Any]:
+                backups: Optional[Mapping[int, np.ndarray]] = None) -> dict[int, Any]:
     """Every array the named items reference: ordinary ones from section ``src``, sharded
     ones assembled to the box the live value needs (its local shard, or the whole array)."""
     section = manifest.section(src)
@@ -385,7 +409,7 @@ def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, t
     sharded = [j for j in indices if section.arrays[j].global_shape is not None]
     if not sharded:
         return read_arrays(storage, location, manifest, src, indices=indices, destinations=destinations,
-                           chunk_buffers=chunk_buffers)
+                           backups=backups)
     plain = {j for j in indices if section.arrays[j].global_shape is None}
     paths = reshard.array_paths(tree)
     wanted, templates = [], {}
@@ -407,7 +431,7 @@ def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, t
         idx = need.get(r, set()) | (plain if r == src else set())
         values = read_arrays(storage, location, manifest, r, indices=idx,
                              destinations=destinations if r == src else None,
-                             chunk_buffers=chunk_buffers if r == src else None)
+                             backups=backups if r == src else None)
         for j, v in values.items():
             got[(r, j)] = v
             if r == src and j in plain:
@@ -473,17 +497,17 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     ``state`` names that the checkpoint lacks raises RestoreError. RNG streams are
     restored last.
 
-    ``atomic`` (the default): every chunk is read and checked into memory of its own before
-    a byte reaches a live tensor, and tensor shapes and module keys are checked before any
-    item is applied, so a restore that raises on bad data or a mismatched target leaves
-    the caller's objects as they were (at the cost of one extra copy of the state).
-    Large arrays with a matching live CPU tensor are read into one scratch buffer that
-    ``borrow(nbytes)`` lends (the manager lends its staging buffer, asking for the whole
-    state's size so that its next save reuses it; without ``borrow`` it is fresh memory
-    of the staged arrays' size) and copied into the live tensor just before their item is
-    applied; nothing keeps a reference to that buffer afterwards.
-    Without ``atomic``, matching CPU tensors are decoded into directly (each byte moves
-    once), and a failure may leave them holding partial data.
+    ``atomic`` (the default): a restore that raises on bad data or a mismatched target
+    leaves the caller's objects as they were. Live CPU tensors that match a saved array
+    are read into directly, but the reader first copies their bytes into a scratch buffer
+    that ``borrow(nbytes)`` lends (the manager lends its staging buffer, asking for the
+    whole state's size so that its next save reuses it; without ``borrow`` it is fresh
+    memory), while the previous chunk is still being read, so the copy overlaps the disk.
+    A failed read puts those bytes back before it raises; so does a shape or module-key
+    mismatch found before any item is applied, and a failure while applying item k puts
+    back the tensors of items k and after. Nothing keeps a reference to the scratch buffer
+    afterwards. Without ``atomic`` there are no backups: if that restore raises, matching
+    tensors may hold partial data.
     """
     src = _source_rank(manifest, rank, world_size)
     section = manifest.section(src)
@@ -498,54 +522,42 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     if want_rng:
         names.append(RNG_ITEM)
     matched: dict[str, dict[int, Any]] = {}
-    # Atomic: matching costs microseconds per array and staging saves page faults in
+    # Atomic: matching costs microseconds per array and reading in place saves a copy in
     # proportion to bytes, so a state of small tensors skips the walk.
-    if not atomic or _worth_staging(section.arrays, manifest.chunks):
+    if not atomic or _worth_staging(section.arrays):
         for key, node in zip(tree["keys"], tree["values"]):
             if key in state:
                 matched[key] = {}
                 match_destinations(state[key], node, section.arrays, matched[key])
-    destinations: dict[int, Any] = {}
-    staged: dict[str, dict[int, Any]] = {}
-    if atomic:
-        staged = _stageable(tree, section.arrays, manifest.chunks, matched)
-    else:
-        for found in matched.values():
-            for index, target in found.items():
-                destinations.setdefault(index, target)
+    in_place = _in_place(tree, section.arrays, matched, single_owner=atomic)
+    destinations = {index: target for found in in_place.values() for index, target in found.items()}
     live = {}
     if any(a.global_shape is not None for a in section.arrays):
         live = reshard.live_dtensors(state)
-    layout = _scratch_layout(section.arrays, manifest.chunks, staged)
-    total = layout.nbytes
+    layout: dict[int, int] = {}
+    total = 0
+    if atomic:
+        for index in sorted(destinations):
+            layout[index] = total
+            total += -(-section.arrays[index].nbytes // _BACKUP_ALIGN) * _BACKUP_ALIGN
     if borrow is not None and total:
         # Ask for a buffer the size of this rank's whole state: the next save of the same
         # state then reuses it instead of allocating its own (pages are only touched as
         # they are used, so the request costs no memory the save would not take anyway).
         total = max(total, sum(a.nbytes for a in section.arrays if a.stored_by is None))
     with _borrowed(borrow, total) as scratch:
-        for index, offset in layout.arrays.items():
-            entry = section.arrays[index]
-            destinations[index] = _typed(scratch[offset:offset + entry.nbytes], entry)
-        lent = {chunk: scratch[offset:offset + manifest.chunks[chunk].raw_length]
-                for chunk, offset in layout.chunks.items()}
-        arrays = _read_items(storage, location, manifest, src, tree, names, destinations, live, lent)
-        sources: dict[int, Any] = {}
-        for found in staged.values():
-            for index, target in found.items():
-                sources[index] = arrays[index]
-                arrays[index] = target     # decode sees the live tensor: nothing retains the scratch
-        if lent:
-            _own_memory(arrays, sources, scratch)
-        saved = decode_items(tree, arrays, names)
-        for name in state:
-            _precheck(state[name], saved[name], name)
+        backups = {index: scratch[offset:offset + section.arrays[index].nbytes].numpy()
+                   for index, offset in layout.items()}
+        arrays = _read_items(storage, location, manifest, src, tree, names, destinations, live, backups)
+        rollback = _Rollback(in_place, backups)
+        with rollback.on_error(list(state)):
+            saved = decode_items(tree, arrays, names)
+            for name in state:
+                _precheck(state[name], saved[name], name)
         applied: list[str] = []
         try:
             for name in state:
-                with torch.no_grad():
-                    for index, target in staged.get(name, {}).items():
-                        _copy_in(target, sources[index])
+                with rollback.on_error(list(state)[len(applied):]), torch.no_grad():
                     value = restore_into(state[name], saved[name], name)
                 if isinstance(state, dict):
                     state[name] = value
@@ -559,119 +571,79 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
         rng.restore(saved[RNG_ITEM])
 
 
-# Arrays of whole chunks from this size up are read into the borrowed scratch buffer;
-# smaller ones stay in their chunk's buffer, where a scratch copy would only add per-array work.
-_STAGE_FROM = 1 << 20
+_BACKUP_ALIGN = 64
 
 
-def _stageable(tree: Any, arrays: Sequence[Any], chunks: Sequence[Any],
-               matched: Mapping[str, Mapping[int, Any]]) -> dict[str, dict[int, Any]]:
-    """Per item, the arrays read into scratch and the live tensor each one is copied into.
+class _Rollback:
+    """Puts the backed-up bytes of items' live tensors back when a block raises."""
 
-    Two kinds: large arrays made of whole chunks (each read straight into its own scratch
-    place), and the arrays of a shared chunk whose staged arrays make up at least half of
-    its bytes (the whole chunk is read into scratch; its other arrays get their own memory
-    afterwards, see :func:`_own_memory`). Scratch is memory a save has already touched, where
-    fresh memory costs a page fault per 4 KiB as the read fills it.
-    An array another item also references is left out: its bytes must not reach a live
-    tensor before that other item is applied."""
-    owners: dict[int, int] = {}
-    for name in matched:
-        for index in item_arrays(tree, [name]):
-            owners[index] = owners.get(index, 0) + 1
-    candidates = {i for found in matched.values() for i in found if owners.get(i) == 1}
-    shared = _staged_chunks(arrays, chunks, candidates)
-    return {name: {i: t for i, t in found.items()
-                   if i in candidates and (_whole_and_large(arrays[i], chunks) or _in_chunk(arrays[i], chunks) in shared)}
-            for name, found in matched.items()}
+    def __init__(self, in_place: Mapping[str, Mapping[int, Any]], backups: Mapping[int, np.ndarray]) -> None:
+        self._in_place = in_place
+        self._backups = backups
+
+    @contextlib.contextmanager
+    def on_error(self, names: Sequence[str]) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            for name in names:
+                for index, target in self._in_place.get(name, {}).items():
+                    backup = self._backups.get(index)
+                    if backup is not None:
+                        _byte_view(target)[:] = backup
+            raise
 
 
-# Staging saves a page fault per 4 KiB (about 0.2 ms per MiB here) and costs about 6 us per
-# array (matching it to its live tensor and a copy call): from this mean array size up it pays.
+def _worth_staging(arrays: Sequence[Any]) -> bool:
+    """Whether matching live tensors pays: it costs about 6 us per array (the walk and a
+    piece of its chunk's read) and saves a copy of the array's bytes."""
+    return bool(arrays) and sum(a.nbytes for a in arrays) >= _STAGE_MEAN_FROM * len(arrays)
+
+
+# From this mean array size up, matching live tensors pays.
 _STAGE_MEAN_FROM = 64 << 10
 
 
-def _worth_staging(arrays: Sequence[Any], chunks: Sequence[Any]) -> bool:
-    if not arrays:
-        return False
-    if sum(a.nbytes for a in arrays) >= _STAGE_MEAN_FROM * len(arrays):
-        return True
-    return any(_whole_and_large(a, chunks) for a in arrays)
+def _in_place(tree: Any, arrays: Sequence[Any], matched: Mapping[str, Mapping[int, Any]], *,
+              single_owner: bool) -> dict[str, dict[int, Any]]:
+    """Per item, the arrays read straight into a live tensor: unsharded arrays whose live
+    tensors do not overlap one another. With ``single_owner`` (atomic),
+    an array another item also references is left out: its bytes must not reach a live
+    tensor that a failure in that other item would not put back."""
+    owners: dict[int, int] = {}
+    if single_owner:
+        for name in matched:
+            for index in item_arrays(tree, [name]):
+                owners[index] = owners.get(index, 0) + 1
+    taken: dict[int, Any] = {}
+    out: dict[str, dict[int, Any]] = {}
+    for name, found in matched.items():
+        out[name] = {}
+        for index, target in found.items():
+            a = arrays[index]
+            if a.global_shape is None and owners.get(index, 1) == 1 and index not in taken:
+                taken[index] = out[name][index] = target
+    disjoint = _disjoint(taken)
+    return {name: {i: t for i, t in found.items() if i in disjoint} for name, found in out.items()}
 
 
-def _whole_and_large(a: Any, chunks: Sequence[Any]) -> bool:
-    """An array this rank wrote, unsharded, of whole chunks only, and large enough to stage."""
-    return (a.nbytes >= _STAGE_FROM and a.stored_by is None and a.global_shape is None and bool(a.parts)
-            and all(o == 0 and n == chunks[c].raw_length for c, o, n in a.parts))
-
-
-def _in_chunk(a: Any, chunks: Sequence[Any]) -> Optional[int]:
-    """The shared chunk an array this rank wrote (unsharded) lies inside, else None."""
-    if a.stored_by is not None or a.global_shape is not None or len(a.parts) != 1:
-        return None
-    chunk, offset, length = a.parts[0]
-    return chunk if offset or length != chunks[chunk].raw_length else None
-
-
-def _staged_chunks(arrays: Sequence[Any], chunks: Sequence[Any], candidates: set[int]) -> set[int]:
-    """Shared chunks whose stageable arrays hold at least half of their raw bytes."""
-    covered: dict[int, int] = {}
-    for i in candidates:
-        chunk = _in_chunk(arrays[i], chunks)
-        if chunk is not None:
-            covered[chunk] = covered.get(chunk, 0) + arrays[i].nbytes
-    return {c for c, n in covered.items() if 2 * n >= chunks[c].raw_length}
-
-
-class _ScratchLayout:
-    """Page-aligned places in one scratch buffer: staged arrays of whole chunks and staged
-    shared chunks."""
-
-    def __init__(self) -> None:
-        self.arrays: dict[int, int] = {}     # array index → offset
-        self.chunks: dict[int, int] = {}     # shared chunk → offset
-        self.nbytes = 0
-
-    def place(self, nbytes: int) -> int:
-        offset = self.nbytes
-        self.nbytes += -(-nbytes // _PAGE) * _PAGE
-        return offset
-
-
-def _scratch_layout(arrays: Sequence[Any], chunks: Sequence[Any],
-                    staged: Mapping[str, Mapping[int, Any]]) -> _ScratchLayout:
-    layout = _ScratchLayout()
-    for found in staged.values():
-        for index in sorted(found):
-            entry = arrays[index]
-            chunk = _in_chunk(entry, chunks)
-            if chunk is None:
-                layout.arrays[index] = layout.place(entry.nbytes)
-            elif chunk not in layout.chunks:
-                layout.chunks[chunk] = layout.place(chunks[chunk].raw_length)
-    return layout
-
-
-def _own_memory(arrays: dict[int, Any], sources: Mapping[int, Any], scratch: torch.Tensor) -> None:
-    """Give every array that is not staged but lies in the scratch buffer (it shares a staged
-    chunk) memory of its own: the buffer goes back to the manager when the restore ends."""
-    lo = scratch.data_ptr()
-    hi = lo + scratch.numel()
-    for index, value in arrays.items():
-        if index in sources:
-            continue
-        if isinstance(value, torch.Tensor):
-            if lo <= value.data_ptr() < hi:
-                arrays[index] = value.clone()
-        elif isinstance(value, np.ndarray) and lo <= value.__array_interface__["data"][0] < hi:
-            arrays[index] = value.copy()
-
-
-def _copy_in(target: Any, source: Any) -> None:
-    if isinstance(target, np.ndarray):
-        np.copyto(target, source)
-    else:
-        target.copy_(source)
+def _disjoint(targets: Mapping[int, Any]) -> set[int]:
+    """The indices whose targets' memory overlaps no other kept target (the first kept)."""
+    spans = []
+    for index, target in targets.items():
+        if isinstance(target, torch.Tensor):
+            start, n = target.data_ptr(), target.numel() * target.element_size()
+        else:
+            start, n = target.__array_interface__["data"][0], target.nbytes
+        spans.append((start, start + n, index))
+    spans.sort()
+    kept: set[int] = set()
+    end = 0
+    for start, stop, index in spans:
+        if start >= end:
+            kept.add(index)
+            end = stop
+    return kept
 
 
 @contextlib.contextmanager
@@ -683,10 +655,3 @@ def _borrowed(borrow: Optional[Borrow], nbytes: int) -> Iterator[torch.Tensor]:
     else:
         with borrow(nbytes) as buf:
             yield buf
-
-
-def _typed(raw: torch.Tensor, entry: Any) -> Any:
-    kind, dt, _ = parse_array_dtype(entry.dtype)
-    if kind != "torch":
-        return raw.numpy().view(dt).reshape(tuple(entry.shape))
-    return raw.view(dt).view(tuple(entry.shape))

@@ -107,17 +107,29 @@ class WrittenFiles:
     reused_bytes: int = 0       # bytes not written again (reused from an earlier step)
 
 
+# A piece of a chunk's decoded bytes: where they go, and where the bytes they overwrite are
+# kept first (or None).
+Piece = tuple[memoryview, Optional[memoryview]]
+
+
 @dataclass(frozen=True)
 class ReadRequest:
     """Read chunk ``index`` (``chunk`` is its record; ``chunk.file`` indexes the ``files``
     given to :meth:`Storage.read`). ``into`` receives the decoded bytes (exactly
     ``chunk.raw_length``), or None to check only. ``decode=False`` checks the stored bytes'
-    crc32c without decoding (verify's disk-speed pass)."""
+    crc32c without decoding (verify's disk-speed pass).
+
+    ``pieces`` (instead of ``into``) scatters the decoded bytes in order over several
+    buffers whose lengths sum to ``raw_length``. A piece with a backup holds bytes the
+    caller may need back (a live tensor): the storage copies them into the backup before
+    overwriting them, and when :meth:`Storage.read` raises, every backed-up piece holds its
+    old bytes again. Pieces of different requests must not overlap."""
 
     index: int
     chunk: ChunkEntry
     into: Optional[memoryview] = None
     decode: bool = True
+    pieces: tuple[Piece, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,7 +177,8 @@ class Storage(abc.ABC):
     def read(self, location: str, files: Sequence[FileEntry], requests: Sequence[ReadRequest],
              collect_errors: bool = False) -> list[Optional[str]]:
         """Check (and decode) each requested chunk. Raises the first error, or with
-        ``collect_errors`` returns one message (or None) per request."""
+        ``collect_errors`` returns one message (or None) per request (see
+        :class:`ReadRequest` for pieces and their backups)."""
 
     # ------------------------------------------------------------------ objects and locations
     @abc.abstractmethod

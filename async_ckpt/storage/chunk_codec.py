@@ -10,12 +10,13 @@ or, with ``collect_errors`` in the caller, the same text prefixed by the error's
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ..errors import ChecksumError, CodecError, FormatError
 from ..format.manifest import CODECS, ChunkEntry
+from .base import ReadRequest
 
 # "auto" stores a chunk compressed only when that saves at least half (as the native writer).
 AUTO_MIN_SAVING = 0.5
@@ -77,6 +78,39 @@ def check_and_decode(stored: memoryview, chunk: ChunkEntry, index: int, where: s
     if got != chunk.raw_crc32c:
         raise ChecksumError(f"{place}: decoded bytes crc32c mismatch (record 0x{chunk.raw_crc32c:08x}, "
                             f"computed 0x{got:08x})", where, chunk.offset, index)
+
+
+def check_and_deliver(stored: memoryview, request: ReadRequest, where: str,
+                      delivered: list[ReadRequest]) -> None:
+    """:func:`check_and_decode` for any request. One with pieces is checked and decoded into
+    memory of its own, then appended to ``delivered`` once its pieces are backed up, and
+    scattered over them; the caller hands ``delivered`` to :func:`roll_back` if its read
+    fails. Called from the backend's reading threads."""
+    chunk = request.chunk
+    if not request.pieces:
+        check_and_decode(stored, chunk, request.index, where, request.into, request.decode)
+        return
+    total = sum(len(dst) for dst, _ in request.pieces)
+    if total != chunk.raw_length:
+        raise FormatError(f"chunk {request.index}: pieces hold {total} bytes, raw_length is {chunk.raw_length}")
+    decoded = stored if chunk.codec == CODECS[0] else memoryview(np.empty(chunk.raw_length, dtype=np.uint8))
+    check_and_decode(stored, chunk, request.index, where, None if decoded is stored else decoded, True)
+    for dst, backup in request.pieces:
+        if backup is not None:
+            backup[:] = dst
+    delivered.append(request)
+    pos = 0
+    for dst, _ in request.pieces:
+        dst[:] = decoded[pos:pos + len(dst)]
+        pos += len(dst)
+
+
+def roll_back(delivered: Sequence[ReadRequest]) -> None:
+    """Put every backed-up piece of ``delivered`` requests back (their read failed)."""
+    for request in delivered:
+        for dst, backup in request.pieces:
+            if backup is not None:
+                dst[:] = backup
 
 
 def describe(error: BaseException) -> str:

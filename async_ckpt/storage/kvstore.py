@@ -471,6 +471,7 @@ class KvStoreStorage(Storage):
 
     def read(self, location: str, files: Sequence[FileEntry], requests: Sequence[ReadRequest],
              collect_errors: bool = False) -> list[Optional[str]]:
+        delivered: list[ReadRequest] = []
         spans, bad = self._spans(files, requests)
         failures: dict[int, BaseException] = dict(bad)
         lock = threading.Lock()
@@ -478,7 +479,7 @@ class KvStoreStorage(Storage):
         def check(i: int, stored: memoryview, where: str) -> None:
             r = requests[i]
             try:
-                chunk_codec.check_and_decode(stored, r.chunk, r.index, where, r.into, r.decode)
+                chunk_codec.check_and_deliver(stored, r, where, delivered)
             except Exception as e:  # noqa: BLE001 - per chunk, re-raised or collected below
                 with lock:
                     failures[i] = e
@@ -526,6 +527,7 @@ class KvStoreStorage(Storage):
                 list(pool.map(guarded, spans))
         if not collect_errors:
             if failures:
+                chunk_codec.roll_back(delivered)
                 raise failures[min(failures)]
             return [None] * len(requests)
         return [chunk_codec.describe(failures[i]) if i in failures else None for i in range(len(requests))]

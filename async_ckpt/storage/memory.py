@@ -78,6 +78,7 @@ class MemoryStorage(Storage):
     def read(self, location: str, files: Sequence[FileEntry], requests: Sequence[ReadRequest],
              collect_errors: bool = False) -> list[Optional[str]]:
         errors: list[Optional[str]] = []
+        delivered: list[ReadRequest] = []
         for r in requests:
             try:
                 if not 0 <= r.chunk.file < len(files):
@@ -88,10 +89,11 @@ class MemoryStorage(Storage):
                 if blob is None:
                     raise FileNotFoundError(f"{key}: no such object")
                 stored = memoryview(blob)[r.chunk.offset:r.chunk.offset + r.chunk.length]
-                chunk_codec.check_and_decode(stored, r.chunk, r.index, key, r.into, r.decode)
+                chunk_codec.check_and_deliver(stored, r, key, delivered)
                 errors.append(None)
             except Exception as e:  # noqa: BLE001 - collected per chunk, re-raised otherwise
                 if not collect_errors:
+                    chunk_codec.roll_back(delivered)
                     raise
                 errors.append(chunk_codec.describe(e))
         return errors

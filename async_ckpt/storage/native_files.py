@@ -250,7 +250,8 @@ class NativeStorage(Storage):
             c = r.chunk
             if r.decode:
                 jobs.append(native.ReadJob(c.file, c.offset, c.length, c.raw_length, CODECS.index(c.codec),
-                                           c.shuffle, c.crc32c, c.raw_crc32c, r.into, r.index))
+                                           c.shuffle, c.crc32c, c.raw_crc32c, r.into, r.index,
+                                           r.pieces or None))
             else:       # the stored bytes as one raw range: pread + crc at disk speed
                 jobs.append(native.ReadJob(c.file, c.offset, c.length, c.length, native.CODEC_RAW, 0,
                                            c.crc32c, c.crc32c, None, r.index))
