@@ -151,7 +151,11 @@ class NativeStorage(Storage):
         self._fsync = fsync
         self._frozen_max_shared = frozen_max_shared
         self._writer = native.Writer(io_threads)
-        self._reader = native.Reader(io_threads)
+        # One reader thread more than io_threads: one at a time holds its file's turn and
+        # waits on the disk, the others checksum and back up. A 512 MiB file in 32 MiB raw
+        # chunks, cold cache, dev VM (2 cores), median of 6: 252 ms with 2 threads, 236 ms
+        # with 3 and with 4, against 210-220 ms for one plain 8 MiB-pread loop.
+        self._reader = native.Reader(min(io_threads + 1, 256))
         self._frozen: dict[int, _FrozenFile] = {}     # rank → its last stable-chunk file
         self._frozen_lock = threading.Lock()
 
@@ -259,7 +263,7 @@ class NativeStorage(Storage):
 
     @property
     def io_threads(self) -> int:
-        return self._reader.threads
+        return self._writer.threads
 
     # ------------------------------------------------------------------ objects and locations
 
