@@ -75,11 +75,15 @@ class Gate:
     def ready(self) -> int: ...
 
 def stage(dst: _Buffer, srcs: _Buffer, offsets: _Buffer, lengths: _Buffer,
-          chunk_ends: Sequence[int] = (), gate: Gate | None = None, floor: int = 2**64 - 1) -> None:
+          chunk_ends: Sequence[int] = (), gate: Gate | None = None, floor: int = 2**64 - 1,
+          threads: int = 1) -> None:
     """Copy len(srcs) regions into dst: srcs are raw host addresses (uint64) the caller keeps
     alive, offsets/lengths uint64 destination ranges sorted by offset and inside dst (checked
     first: FormatError). With a gate, after each region opens the chunks whose end
-    (chunk_ends) lies at or below min(next region's offset, floor). GIL released."""
+    (chunk_ends) lies at or below min(next region's offset, floor). ``threads`` > 1 shares
+    the bytes (at least 8 MiB each) with helper threads: the calling thread copies the front
+    and opens the gate behind it, the chunks past the front open when all are done. GIL
+    released."""
 
 class Writer:
     """A pool of ``threads`` workers (the calling thread is one of them). One ``write`` runs at a

@@ -284,7 +284,8 @@ PYBIND11_MODULE(_native, m) {
       [](const py::object& dst, const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& srcs,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& offsets,
          const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& lengths,
-         const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor) {
+         const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor, int threads) {
+        if (threads < 1 || threads > 64) raise_format("stage: threads must be in [1, 64]");
         py::buffer_info d = request(dst, true, "dst");
         const py::ssize_t n = srcs.size();
         if (offsets.size() != n || lengths.size() != n)
@@ -298,11 +299,11 @@ PYBIND11_MODULE(_native, m) {
         char* base = static_cast<char*>(d.ptr);
         const uint64_t len = nbytes(d);
         py::gil_scoped_release nogil;
-        stage_regions(base, len, regions, chunk_ends, gate, floor);
+        stage_regions(base, len, regions, chunk_ends, gate, floor, static_cast<unsigned>(threads));
       },
       py::arg("dst"), py::arg("srcs"), py::arg("offsets"), py::arg("lengths"),
       py::arg("chunk_ends") = std::vector<uint64_t>(), py::arg("gate") = py::none(),
-      py::arg("floor") = UINT64_MAX);
+      py::arg("floor") = UINT64_MAX, py::arg("threads") = 1);
 
   py::class_<Writer>(m, "Writer")
       .def(py::init([](int threads) {

@@ -21,7 +21,11 @@ struct Region {
 // Regions must be sorted by dst_offset and lie inside [0, dst_len) (FormatError otherwise,
 // checked before any byte is copied). With a gate, after each region the chunks whose end
 // (chunk_ends, ascending) lies at or below min(next region's offset, floor) are opened.
+// With threads > 1 (and at least 8 MiB per thread), helper threads copy the later bytes
+// while the calling thread copies the front and opens the gate; the chunks past the front
+// open once every copier is done.
 void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regions,
-                   const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor);
+                   const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor,
+                   unsigned threads = 1);
 
 }  // namespace ackpt

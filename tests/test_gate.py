@@ -124,3 +124,24 @@ def test_stage_rejects_regions_outside_the_buffer():
         native.stage(buf, ptr, np.array([60], np.uint64), np.array([8], np.uint64))
     with pytest.raises(CheckpointError):
         native.stage(buf, np.array([0, 0], np.uint64), np.array([8, 0], np.uint64), np.array([1, 1], np.uint64))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_stage_shared_among_threads_copies_every_byte_and_opens_every_chunk(threads):
+    rng = np.random.default_rng(threads)
+    sizes = [5 << 20, 1, 0, 12 << 20, 3000, 9 << 20, 7]          # cuts fall inside regions
+    sources = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    offsets, cursor = [], 0
+    for n in sizes:
+        offsets.append(cursor)
+        cursor += n + 64
+    buf = np.zeros(cursor, np.uint8)
+    ends = list(range(1 << 20, cursor, 1 << 20)) + [cursor]
+    gate = native.Gate()
+    native.stage(buf, np.array([s.ctypes.data for s in sources], np.uint64), np.array(offsets, np.uint64),
+                 np.array(sizes, np.uint64), ends, gate, threads=threads)
+    for s, o in zip(sources, offsets):
+        assert np.array_equal(buf[o:o + len(s)], s)
+    assert gate.ready == len(ends)
+    with pytest.raises(CheckpointError, match="threads"):
+        native.stage(buf, np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint64), threads=0)

@@ -118,7 +118,7 @@ def mixed_state(seed=0):
     base = torch.randn(64, 32, generator=g)
     return {"model": {
         "small": small,
-        "big": torch.randn(snapshot_mod._NATIVE_BELOW // 4 + 1000, generator=g),   # over _NATIVE_BELOW: torch's copy
+        "big": torch.randn((20 << 20) // 4 + 1000, generator=g),   # shared among the stager's threads
         "strided": base.t(), "base": base, "tied": base.view(32, 64),
         "neg": torch._neg_view(torch.randn(40, generator=g)),
         "empty": torch.empty(0),

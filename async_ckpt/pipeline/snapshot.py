@@ -14,6 +14,7 @@ synchronous writers (fix, tests).
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -217,10 +218,10 @@ def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: Sequence[int], gate
 
     ``addresses[k]`` is where array ``indices[k]``'s bytes are when they are plain host
     memory, else -1: what encoding saw, valid only on the training thread before the
-    caller's code runs again; without it (the copier thread) they are read here. Small
-    plain arrays go to the native stager in batches (a memcpy each, GIL released, no
-    per-tensor Python views); large ones go through torch/numpy, whose copy is
-    multi-threaded; the rest (strided views) are copied first. Everything below the next
+    caller's code runs again; without it (the copier thread) they are read here. Plain
+    arrays go to the native stager in one batch (a memcpy each, shared among
+    ``_STAGE_THREADS`` threads, GIL released, no per-tensor Python views); the rest
+    (strided views) are copied first, through torch/numpy. Everything below the next
     array still to copy, and below ``floor`` (the first byte somebody else still has to
     copy), is staged, so those chunks may be written.
     """
@@ -234,25 +235,22 @@ def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: Sequence[int], gate
     index = index[plain]
     all_offsets, all_lengths = _offsets_and_lengths(plan)
     batch = _Batch(host, addresses[plain], all_offsets[index], all_lengths[index], plan.chunk_ends, gate, floor)
-    offsets, ends = batch.offsets, plan.chunk_ends
-    start = 0
-    for k in np.flatnonzero(batch.lengths >= _NATIVE_BELOW).tolist():
-        batch.stage(start, k)
-        _copy_one(plan, buffer, host, int(index[k]))
-        if gate is not None:
-            front = int(offsets[k + 1]) if k + 1 < len(index) else floor
-            gate.advance(bisect.bisect_right(ends, min(front, floor)))
-        start = k + 1
-    batch.stage(start, len(index))
+    batch.stage(0, len(index))
 
 
-# Below this size one native memcpy batch (GIL released, one thread) wins over torch's
-# copy per tensor; above it torch's multi-threaded copy is faster than one memcpy. While the
-# writer threads stream the first chunks, a multi-threaded copy of mid-sized tensors only
-# competes with them: on the 2-core dev VM (eager saves, interleaved, median of 8) a
-# transformer + AdamW state of 1-7 MiB tensors stalled 42 ms natively vs 54 ms through
-# torch, while 32 and 64 MiB tensors stalled 48/85 ms through torch vs 60/106 ms natively.
-_NATIVE_BELOW = 16 << 20
+def _stage_threads() -> int:
+    """Copiers for one snapshot: this rank's share of the node's cores, at most 4."""
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(4, (os.cpu_count() or 1) // per_node))
+
+
+# Every plain array, small or large, goes to the native stager, shared among this many
+# threads (GIL released, no per-tensor Python). On the 2-core dev VM, eager saves while the
+# writer streams (interleaved, median of 5-8): a transformer + AdamW state (1-7 MiB tensors)
+# stalled 34 ms on one thread, 26 ms on two; 32 MiB bf16 tensors 54 ms through torch's
+# per-tensor multi-threaded copy, 50 ms natively on two threads; 64 MiB fp32 tensors 97
+# vs 88 ms.
+_STAGE_THREADS = _stage_threads()
 
 
 class _Batch:
@@ -274,7 +272,7 @@ class _Batch:
         limit = min(int(self.offsets[b]), self.floor) if b < len(self.offsets) else self.floor
         srcs, offsets, lengths = self._regions
         native.stage(self.host, srcs[a:b], offsets[a:b], lengths[a:b], self.chunk_ends, self.gate,
-                     _UINT64_MAX if limit == float("inf") else int(limit))
+                     _UINT64_MAX if limit == float("inf") else int(limit), _STAGE_THREADS)
 
 
 def _copy_one(plan: SavePlan, buffer: torch.Tensor, host: np.ndarray, index: int) -> None:
