@@ -91,7 +91,10 @@ class Writer:
     Raw chunks of >= 1 MiB go through O_DIRECT where the file system allows it: they start at
     4096-aligned offsets, so files may hold padding between chunks (FORMAT.md section 3)."""
     threads: int
-    def __init__(self, threads: int = 4) -> None: ...
+    def __init__(self, threads: int = 4, nice: int = 0) -> None:
+        """nice > 0: the pool's threads run that much nicer than the thread creating the
+        Writer (Linux thread niceness, at most 19; a refused change is ignored). The thread
+        calling write() keeps its own."""
     def write(self, paths: Sequence[str], jobs: Sequence[WriteJob], fsync: bool = True,
               gate: Gate | None = None, known_crcs: _Buffer | None = None,
               known_flags: _Buffer | None = None, check_known: bool = False) -> list[ChunkRecord]:

@@ -113,6 +113,17 @@ def _caller_level() -> int:
     return level
 
 
+
+def _lower_priority(nice: int) -> None:
+    """Run the calling thread ``nice`` steps nicer (Linux thread niceness; best effort)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass
+
 class CheckpointManager:
     """Saves, keeps and restores checkpoints of a training run under one directory.
 
@@ -136,7 +147,7 @@ class CheckpointManager:
         self._replicas = ReplicaPlanner(coll_fg) if coll_fg is not None else None
         if storage is None:
             storage, root = open_root(directory, lambda: NativeStorage(
-                o.io_threads, o.compression, o.compression_level, o.fsync, o.frozen_max_shared),
+                o.io_threads, o.compression, o.compression_level, o.fsync, o.frozen_max_shared, o.writer_nice),
                 compression=o.compression, level=o.compression_level, io_threads=o.io_threads)
         else:
             root = os.fspath(directory)
@@ -155,7 +166,8 @@ class CheckpointManager:
             self._release_lock_fn = self._take_lock()
         self._pool = StagingPool(pinned_limit=o.max_pinned_bytes)
         self._slots = threading.BoundedSemaphore(o.max_inflight_saves)
-        self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit")
+        self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit",
+                                               initializer=_lower_priority, initargs=(o.writer_nice,))
         self._copier = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-snapshot")
         self._unfenced: list = []                  # lazy snapshots whose copies may still run
         self._fence_hooks: dict[int, Any] = {}     # id(optimizer) → step pre-hook handle

@@ -7,6 +7,7 @@ can tune a job without editing code:
 ``ASYNC_CKPT_IO_THREADS``      ``io_threads``
 ``ASYNC_CKPT_COMPRESSION``     ``compression`` (``none``, ``zstd``, ``auto``)
 ``ASYNC_CKPT_CHUNK_MB``        ``chunk_bytes`` in MiB
+``ASYNC_CKPT_WRITER_NICE``     ``writer_nice``
 =============================  ==========================
 
 Process-wide switches, read at each save rather than stored here: ``ASYNC_CKPT_DEVICE_CRC``
@@ -76,6 +77,10 @@ class CheckpointManagerOptions:
     bad sector in it reaches that many steps at most. ``max_pinned_bytes`` caps the pinned host
     memory of the staging pool (``None``: no cap); staging beyond it is pageable memory.
     The pool is allocated at the first save, reused by later ones and freed by ``close()``.
+    ``writer_nice``: the threads that write in the background (the commit thread and the
+    native writer's) run this much nicer than the thread that made the manager (Linux
+    thread niceness, best effort; 0 leaves them alone), so the snapshot copy and training
+    keep their cores while a save streams to disk. They still take every idle cycle.
 
     Several ranks (torch.distributed initialised, or ``process_group=`` given to the manager):
     ``collective_timeout_s`` bounds every collective of the manager's own gloo group, so a
@@ -102,6 +107,7 @@ class CheckpointManagerOptions:
     frozen_max_shared: int = 4
     max_pinned_bytes: Optional[int] = None
     collective_timeout_s: float = 120.0
+    writer_nice: int = field(default_factory=lambda: _env_int("ASYNC_CKPT_WRITER_NICE", 10))
 
     def __post_init__(self) -> None:
         if not 0 < self.collective_timeout_s <= 24 * 3600:
@@ -130,5 +136,7 @@ class CheckpointManagerOptions:
             raise ValueError(f"max_inflight_saves must be >= 1, got {self.max_inflight_saves}")
         if self.chunk_bytes < (1 << 16) or self.chunk_bytes > (1 << 30) or self.chunk_bytes % 16:
             raise ValueError(f"chunk_bytes must be a multiple of 16 in [64 KiB, 1 GiB], got {self.chunk_bytes}")
+        if not 0 <= self.writer_nice <= 19:
+            raise ValueError(f"writer_nice must be in [0, 19], got {self.writer_nice}")
         if self.snapshot not in ("eager", "lazy"):
             raise ValueError(f"snapshot must be 'eager' or 'lazy', got {self.snapshot!r}")

@@ -306,11 +306,12 @@ PYBIND11_MODULE(_native, m) {
       py::arg("floor") = UINT64_MAX, py::arg("threads") = 1);
 
   py::class_<Writer>(m, "Writer")
-      .def(py::init([](int threads) {
+      .def(py::init([](int threads, int nice) {
              if (threads < 1 || threads > 256) raise_format("threads must be in [1, 256]");
-             return std::make_unique<Writer>(static_cast<unsigned>(threads));
+             if (nice < 0 || nice > 19) raise_format("nice must be in [0, 19]");
+             return std::make_unique<Writer>(static_cast<unsigned>(threads), nice);
            }),
-           py::arg("threads") = 4)
+           py::arg("threads") = 4, py::arg("nice") = 0)
       .def_property_readonly("threads", &Writer::threads)
       .def(
           "write",

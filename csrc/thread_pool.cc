@@ -1,12 +1,17 @@
 #include "thread_pool.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 
 namespace ackpt {
 
-ThreadPool::ThreadPool(unsigned threads) : size_(threads ? threads : 1), pid_(::getpid()) {
+ThreadPool::ThreadPool(unsigned threads, int nice) : size_(threads ? threads : 1), pid_(::getpid()) {
   threads_.reserve(size_ - 1);
-  for (unsigned w = 1; w < size_; ++w) threads_.emplace_back([this, w] { worker_main(w); });
+  for (unsigned w = 1; w < size_; ++w) threads_.emplace_back([this, w, nice] { worker_main(w, nice); });
 }
 
 bool ThreadPool::forked() const { return ::getpid() != pid_; }
@@ -41,7 +46,14 @@ void ThreadPool::work(unsigned worker) {
   }
 }
 
-void ThreadPool::worker_main(unsigned worker) {
+void ThreadPool::worker_main(unsigned worker, int nice) {
+  if (nice > 0) {
+    // A new thread starts with its creator's niceness; this one's alone changes.
+    const auto tid = static_cast<id_t>(::syscall(SYS_gettid));
+    errno = 0;
+    const int now = ::getpriority(PRIO_PROCESS, tid);
+    if (errno == 0) (void)::setpriority(PRIO_PROCESS, tid, std::min(19, now + nice));
+  }
   uint64_t seen = 0;
   for (;;) {
     {

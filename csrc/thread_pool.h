@@ -16,8 +16,9 @@ namespace ackpt {
 class ThreadPool {
  public:
   // threads >= 1 workers in all; the thread calling run() is one of them, so threads - 1
-  // are started here.
-  explicit ThreadPool(unsigned threads);
+  // are started here. nice > 0: the started threads run that much nicer than the thread
+  // that made the pool (Linux thread niceness; refused changes are ignored).
+  explicit ThreadPool(unsigned threads, int nice = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -35,7 +36,7 @@ class ThreadPool {
   void run(size_t n, const Fn& fn);
 
  private:
-  void worker_main(unsigned worker);
+  void worker_main(unsigned worker, int nice);
   void work(unsigned worker);
 
   bool forked() const;

@@ -27,7 +27,8 @@ struct WriteJob {
 
 class Writer {
  public:
-  explicit Writer(unsigned threads) : pool_(threads) {}
+  // nice: see ThreadPool (the thread calling write() is left as it is).
+  explicit Writer(unsigned threads, int nice = 0) : pool_(threads, nice) {}
   unsigned threads() const { return pool_.size(); }
 
   // Creates every path (O_EXCL), encodes and appends the jobs, fsyncs the files when asked,

@@ -328,3 +328,33 @@ def test_done_callback_sees_the_outcome_once(tmp_path):
     calls = []
     skipped.add_done_callback(calls.append)
     assert calls == [skipped]
+
+
+def _thread_niceness() -> dict[int, int]:
+    import os
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])    # field 19: nice
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread niceness from Linux /proc")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_background_writers_run_nicer_than_the_training_thread(tmp_path, nice):
+    import threading
+    before = _thread_niceness()
+    base = before[threading.get_native_id()]
+    opts = CheckpointManagerOptions(handle_sigterm=False, io_threads=3, writer_nice=nice)
+    with CheckpointManager(tmp_path, opts) as mgr:
+        mgr.save(1, {"w": torch.randn(1000)})
+        after = _thread_niceness()
+        commit = next(t.native_id for t in threading.enumerate() if t.name.startswith("async_ckpt-commit"))
+        new = {tid: n for tid, n in after.items() if tid not in before}
+        assert after[threading.get_native_id()] == base          # the training thread is left alone
+        assert after[commit] == min(19, base + nice)
+        # the native writer's 2 pool threads (the commit thread is its third worker); the
+        # reader's and everything else keep the training thread's niceness
+        assert sorted(new.values()).count(min(19, base + nice)) == (3 if nice else len(new))
+    with pytest.raises(ValueError, match="writer_nice"):
+        CheckpointManagerOptions(writer_nice=20)

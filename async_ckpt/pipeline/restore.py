@@ -522,9 +522,9 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     if want_rng:
         names.append(RNG_ITEM)
     matched: dict[str, dict[int, Any]] = {}
-    # Atomic: matching costs microseconds per array and reading in place saves a copy in
-    # proportion to bytes, so a state of small tensors skips the walk.
-    if not atomic or _worth_staging(section.arrays):
+    # Matching costs microseconds per array and reading in place saves a copy in proportion
+    # to bytes, so a state of small tensors skips the walk (then restore_into copies each).
+    if _worth_matching(section.arrays):
         for key, node in zip(tree["keys"], tree["values"]):
             if key in state:
                 matched[key] = {}
@@ -594,14 +594,14 @@ class _Rollback:
             raise
 
 
-def _worth_staging(arrays: Sequence[Any]) -> bool:
+def _worth_matching(arrays: Sequence[Any]) -> bool:
     """Whether matching live tensors pays: it costs about 6 us per array (the walk and a
     piece of its chunk's read) and saves a copy of the array's bytes."""
-    return bool(arrays) and sum(a.nbytes for a in arrays) >= _STAGE_MEAN_FROM * len(arrays)
+    return bool(arrays) and sum(a.nbytes for a in arrays) >= _MATCH_MEAN_FROM * len(arrays)
 
 
 # From this mean array size up, matching live tensors pays.
-_STAGE_MEAN_FROM = 64 << 10
+_MATCH_MEAN_FROM = 64 << 10
 
 
 def _in_place(tree: Any, arrays: Sequence[Any], matched: Mapping[str, Mapping[int, Any]], *,

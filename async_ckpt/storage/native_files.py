@@ -142,7 +142,7 @@ class NativeStorage(Storage):
     supports_rename = True
 
     def __init__(self, io_threads: int = 4, compression: Optional[str] = "auto", level: int = 1,
-                 fsync: bool = True, frozen_max_shared: int = 4) -> None:
+                 fsync: bool = True, frozen_max_shared: int = 4, writer_nice: int = 0) -> None:
         from .. import native  # loads the extension and zstd lazily
         self._native = native
         self._codec = {None: native.CODEC_RAW, "zstd": native.CODEC_ZSTD,
@@ -150,7 +150,7 @@ class NativeStorage(Storage):
         self._level = level
         self._fsync = fsync
         self._frozen_max_shared = frozen_max_shared
-        self._writer = native.Writer(io_threads)
+        self._writer = native.Writer(io_threads, writer_nice)
         # One reader thread more than io_threads: one at a time holds its file's turn and
         # waits on the disk, the others checksum and back up. A 512 MiB file in 32 MiB raw
         # chunks, cold cache, dev VM (2 cores), median of 6: 252 ms with 2 threads, 236 ms
