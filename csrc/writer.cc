@@ -1,5 +1,7 @@
 #include "writer.h"
 
+#include <fcntl.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -202,6 +204,18 @@ std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
     f->direct_ok.store(f->direct.valid());
     files.push_back(std::move(f));
   }
+  // Allocate each file in one piece before the parallel writers fill it: otherwise ext4 places
+  // the blocks of concurrent direct writes as they arrive, out of file order, and the step
+  // no longer reads back as one sequential stream. The bound is every chunk stored raw; the
+  // file is cut back to its last chunk below. Best effort: a refusal (no fallocate on this
+  // file system, no room for the bound) leaves the writes to allocate as they go.
+  std::vector<uint64_t> bound(files.size(), 0);
+  for (const auto& j : jobs) bound[j.file] += round_up(j.len, kAlign);
+  for (size_t k = 0; k < files.size(); ++k) {
+    if (!bound[k]) continue;
+    (void)::fallocate(files[k]->fd.get(), 0, 0, static_cast<off_t>(bound[k]));
+    files[k]->padded.store(true);  // cut back to the end of the last chunk in any case
+  }
 
   std::vector<ChunkRecord> records(jobs.size());
   std::vector<Scratch> scratch(pool_.size());
@@ -263,7 +277,8 @@ std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
   });
   scratch.clear();  // release scratch memory before the fsyncs
 
-  // Direct writes pad their last block: cut each file back to the end of its last chunk.
+  // Direct writes pad their last block, and files were allocated for every chunk raw: cut
+  // each file back to the end of its last chunk.
   std::vector<uint64_t> ends(files.size(), 0);
   for (const auto& r : records) ends[r.file] = std::max(ends[r.file], r.offset + r.length);
   for (size_t k = 0; k < files.size(); ++k)

@@ -252,6 +252,21 @@ def test_many_jobs_many_files(tmp_path, threads):
     assert all(np.array_equal(a, b) for a, b in zip(datas, dsts))
 
 
+@pytest.mark.parametrize("codec", [n.CODEC_RAW, n.CODEC_ZSTD])
+def test_files_are_allocated_whole_then_cut_back_to_their_last_chunk(tmp_path, codec):
+    """The writer allocates every file for its chunks stored raw before writing them; what
+    compression saved, and the padding of direct writes, is cut off again."""
+    datas = [np.zeros((3 << 20) + 17, np.uint8), payload(2 << 20, 4, "float", seed=3), np.ones(100, np.uint8)]
+    path = str(tmp_path / "d.bin")
+    records = n.Writer(2).write([path], [n.WriteJob(d, 0, codec, 1, 0) for d in datas], fsync=False)
+    end = max(r.offset + r.length for r in records)
+    assert os.path.getsize(path) == end
+    if codec == n.CODEC_ZSTD:
+        assert end < sum(len(d) for d in datas) // 2
+    assert os.stat(path).st_blocks * 512 < end + (1 << 20)      # no allocation left past the end
+    check_records([path], datas, records)
+
+
 def test_aligned_source_and_larger_destination(tmp_path):
     backing = np.random.default_rng(0).integers(0, 256, (8 << 20) + 8192, dtype=np.uint8)
     start = (-backing.ctypes.data) % 4096
