@@ -92,10 +92,12 @@ PROC_DROP = True     # also write /proc/sys/vm/drop_caches (--quick turns it off
 def drop_caches(paths: Iterable[str]) -> None:
     """Evict ``paths`` from the page cache: make them durable (fsync each, or one syncfs for
     many files), POSIX_FADV_DONTNEED each, then /proc/sys/vm/drop_caches when PROC_DROP
-    (``bench_native.drop_cache`` for few files)."""
+    (``bench_native.drop_cache`` for few files). First, one ``sync``: the deletions and
+    writes of earlier rows (journal commits, discards) must not land inside a timed read."""
     paths = list(paths)
     if not paths:
         return
+    os.sync()
     if PROC_DROP and len(paths) <= MANY_FILES:
         drop_cache(paths)
         return

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(scratch_root),
         "config": {"command": f"python -m benchmarks.io {argv_text}".strip(), "size": size, "repeat": repeat,
                    "quick": args.quick, "io_threads": threads, "chunk_mib": 32,
-                   "cache_drop": "fsync + POSIX_FADV_DONTNEED" + (" + drop_caches" if _ceilings.PROC_DROP else ""),
+                   "cache_drop": "sync + fsync + POSIX_FADV_DONTNEED" + (" + drop_caches" if _ceilings.PROC_DROP else ""),
                    "scratch": str(scratch_root)},
         "states": [],
     }
