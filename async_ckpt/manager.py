@@ -365,6 +365,7 @@ class CheckpointManager:
 
         Lazy mode fences optimizer steps automatically; call this before mutating saved
         tensors any other way (an EMA update, weight surgery, loading new weights).
+        ``restore`` calls it itself.
         """
         with self._state_lock:
             pending, self._unfenced = self._unfenced, []
@@ -605,6 +606,7 @@ class CheckpointManager:
         hold partial data.
         """
         self._check_open()
+        self.wait_for_snapshot()     # restore overwrites tensors a lazy save may still be copying
         with paused_gc():
             resolved = self._resolve_shared(step)
             if resolved is None:

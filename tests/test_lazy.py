@@ -95,3 +95,27 @@ def test_hooks_removed_on_close(tmp_path):
     assert len(opt._optimizer_step_pre_hooks) == 1
     mgr.close()
     assert len(opt._optimizer_step_pre_hooks) == 0
+
+
+def test_restore_waits_for_a_lazy_copy_of_the_tensors_it_overwrites(tmp_path, monkeypatch):
+    import async_ckpt.pipeline.snapshot as snap_mod
+    real = snap_mod._copy_cpu
+
+    def slow_copy(*args, **kwargs):
+        if threading.current_thread().name.startswith("async_ckpt-snapshot"):
+            time.sleep(0.3)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(snap_mod, "_copy_cpu", slow_copy)
+    model, opt = make()
+    step(model, opt)
+    with CheckpointManager(tmp_path, lazy_opts(max_inflight_saves=2)) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt})
+        step(model, opt)
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+        mgr.save_async(2, {"model": model, "optimizer": opt})    # the weights' copy is still to come
+        mgr.restore({"model": model, "optimizer": opt}, step=1)   # overwrites them in place
+        mgr.wait_until_finished()
+        got = mgr.load(2)["model"]
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
