@@ -3,6 +3,7 @@
 import threading
 import time
 
+import pytest
 import torch
 
 from async_ckpt import CheckpointManager, CheckpointManagerOptions
@@ -27,13 +28,9 @@ def step(model, opt):
     opt.step()
 
 
-def test_mutation_through_optimizer_waits_for_the_copy(tmp_path, monkeypatch):
-    model, opt = make()
-    step(model, opt)
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
-    expected_mom = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-
-    # Slow the background copy down so the fence is what makes the test pass.
+@pytest.fixture
+def slow_copier(monkeypatch):
+    """Slow the background copy down, so that a fence is what makes a test pass."""
     import async_ckpt.pipeline.snapshot as snap_mod
     real = snap_mod._copy_cpu
 
@@ -43,6 +40,14 @@ def test_mutation_through_optimizer_waits_for_the_copy(tmp_path, monkeypatch):
         real(*args, **kwargs)
 
     monkeypatch.setattr(snap_mod, "_copy_cpu", slow_copy)
+
+
+def test_mutation_through_optimizer_waits_for_the_copy(tmp_path, monkeypatch, slow_copier):
+    model, opt = make()
+    step(model, opt)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_mom = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+
     fenced = []
     real_fence = Snapshot.fence
     monkeypatch.setattr(Snapshot, "fence", lambda self: (fenced.append(1), real_fence(self))[1])
@@ -97,16 +102,7 @@ def test_hooks_removed_on_close(tmp_path):
     assert len(opt._optimizer_step_pre_hooks) == 0
 
 
-def test_restore_waits_for_a_lazy_copy_of_the_tensors_it_overwrites(tmp_path, monkeypatch):
-    import async_ckpt.pipeline.snapshot as snap_mod
-    real = snap_mod._copy_cpu
-
-    def slow_copy(*args, **kwargs):
-        if threading.current_thread().name.startswith("async_ckpt-snapshot"):
-            time.sleep(0.3)
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(snap_mod, "_copy_cpu", slow_copy)
+def test_restore_waits_for_a_lazy_copy_of_the_tensors_it_overwrites(tmp_path, slow_copier):
     model, opt = make()
     step(model, opt)
     with CheckpointManager(tmp_path, lazy_opts(max_inflight_saves=2)) as mgr:
