@@ -290,7 +290,8 @@ class CheckpointManager:
             self._slots.release()
             raise
         # The write is queued before the copy starts: with a gating backend the writer
-        # streams each chunk to disk as soon as the copy has staged it.
+        # starts on the staged chunks the moment the training thread's copy is done (and on
+        # CUDA groups and lazily copied chunks as they land).
         snapshot = Snapshot(plan, buffer, self._storage.staging_gate())
         with self._state_lock:
             previous_step = self._last_step

@@ -144,6 +144,27 @@ def test_snapshot_copies_every_kind_of_array_and_opens_every_chunk(chunk):
         assert torch.equal(staged_value(plan, buf, i), expected_value(v)), i
 
 
+def test_the_training_threads_copy_opens_no_chunk_until_it_is_done(monkeypatch):
+    """Writers streaming behind the training thread's copy would only slow it down: the
+    chunks it staged open together when it is done."""
+    plan = plan_save(mixed_state(), 4 << 20)
+    assert len(plan.chunks) > 1
+    gate = native.Gate()
+    seen: list[int] = []
+    real = snapshot_mod._Batch.stage
+
+    def spy(self, a, b):
+        seen.append(gate.ready)
+        real(self, a, b)
+        seen.append(gate.ready)
+
+    monkeypatch.setattr(snapshot_mod._Batch, "stage", spy)
+    buf = torch.zeros(plan.staging_bytes, dtype=torch.uint8)
+    snapshot_mod.take_snapshot(plan, buf, gate=gate)
+    assert seen and set(seen) == {0}
+    assert gate.ready == len(plan.chunks)
+
+
 def test_the_copier_reads_addresses_afresh():
     """Only the copy on the training thread, right after planning, trusts the addresses
     encoding saw: a copy made later (the lazy copier's) looks at the tensors again."""
