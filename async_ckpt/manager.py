@@ -113,7 +113,6 @@ def _caller_level() -> int:
     return level
 
 
-
 def _lower_priority(nice: int) -> None:
     """Run the calling thread ``nice`` steps nicer (Linux thread niceness; best effort)."""
     if nice <= 0 or not hasattr(os, "setpriority"):
@@ -123,6 +122,7 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except OSError:
         pass
+
 
 class CheckpointManager:
     """Saves, keeps and restores checkpoints of a training run under one directory.

@@ -35,9 +35,14 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def ranks_per_node() -> int:
+    """Ranks sharing this node's cores (torchrun sets LOCAL_WORLD_SIZE; 1 otherwise)."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+
+
 def _default_threads() -> int:
-    # Ranks on one node share its cores: each gets its share (torchrun sets LOCAL_WORLD_SIZE).
-    per_node = max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+    # Ranks on one node share its cores: each gets its share.
+    per_node = ranks_per_node()
     return _env_int("ASYNC_CKPT_IO_THREADS", max(1 if per_node > 1 else 2, min(8, os.cpu_count() or 2) // per_node))
 
 

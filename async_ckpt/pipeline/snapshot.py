@@ -27,6 +27,7 @@ import torch
 
 from ..format.dtypes import parse_array_dtype
 from ..format.tree import ArrayTable
+from ..options import ranks_per_node
 from ..storage.base import KnownCrcs
 from . import device_copy
 from .plan import SavePlan
@@ -241,8 +242,7 @@ def _copy_cpu(plan: SavePlan, buffer: torch.Tensor, indices: Sequence[int], gate
 
 def _stage_threads() -> int:
     """Copiers for one snapshot: this rank's share of the node's cores, at most 4."""
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(4, (os.cpu_count() or 1) // per_node))
+    return max(1, min(4, (os.cpu_count() or 1) // ranks_per_node()))
 
 
 # Every plain array, small or large, goes to the native stager, shared among this many
