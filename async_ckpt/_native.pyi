@@ -85,6 +85,15 @@ def stage(dst: _Buffer, srcs: _Buffer, offsets: _Buffer, lengths: _Buffer,
     and opens the gate behind it, the chunks past the front open when all are done. GIL
     released."""
 
+class StageQueue:
+    """A thread of its own that copies queued batches of regions (as for :func:`stage`, in
+    any order, no gate) while the caller goes on. ``submit`` checks every region against dst
+    (FormatError, nothing queued) and returns at once; ``wait`` (GIL released) blocks until
+    every queued batch is copied. Sources and dst must stay alive until then."""
+    def __init__(self) -> None: ...
+    def submit(self, dst: _Buffer, srcs: _Buffer, offsets: _Buffer, lengths: _Buffer) -> None: ...
+    def wait(self) -> None: ...
+
 class Writer:
     """A pool of ``threads`` workers (the calling thread is one of them). One ``write`` runs at a
     time per Writer; concurrent calls from several Python threads are serialised.

@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Union
 
 from . import faults, rng, signals
 from .distributed import Collectives, ReplicaPlanner
@@ -39,7 +39,8 @@ from .errors import CheckpointError, NotCommittedError, RestoreError, RootBusyEr
 from .format.manifest import Manifest
 from .gc_pause import paused_gc
 from .options import CheckpointManagerOptions
-from .pipeline.plan import LayoutCache, plan_save
+from .pipeline import early_stage
+from .pipeline.plan import LayoutCache, SavePlan, plan_save
 from .pipeline.restore import RNG_ITEM, load_items, restore_state
 from .pipeline.saving import CommitInfo, save_collective, save_one_rank
 from .pipeline.snapshot import Snapshot, StagingPool, copy_into
@@ -47,6 +48,9 @@ from .rotation import steps_to_delete
 from .storage import Storage, open_root, policy_for
 from .storage.commit import MarkerState
 from .storage.native_files import NativeStorage
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -273,20 +277,12 @@ class CheckpointManager:
             raise ValueError(f"'{RNG_ITEM}' is reserved for the random states async_ckpt saves itself")
         if self.options.save_rng:
             full_state[RNG_ITEM] = rng.capture()
-        # TypeError names a bad path
-        with paused_gc():
-            plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen,
-                             cache=self._layouts, replicas=self._replicas)
         lazy = self.options.snapshot == "lazy"
-        deferred = self._arm_fence(state, plan) if lazy else frozenset()
-        # Waiting for a slot lets other threads run (done callbacks of earlier saves): the
-        # addresses encoding recorded are then read again before the copy.
-        waited = not self._slots.acquire(blocking=False)
-        if waited:
-            self._slots.acquire()
+        plan, buffer, early, waited = self._plan_in_a_slot(full_state, lazy)
         try:
-            buffer = self._pool.acquire(plan.staging_bytes)
+            deferred = self._arm_fence(state, plan) if lazy else frozenset()
         except BaseException:
+            self._pool.release(buffer)
             self._slots.release()
             raise
         # The write is queued before the copy starts: with a gating backend the writer
@@ -301,7 +297,7 @@ class CheckpointManager:
         future.add_done_callback(self._on_done)
         try:
             copy_into(snapshot, wait=not lazy, deferred=deferred, copier=self._copier,
-                      recorded_addresses=not waited)
+                      recorded_addresses=not waited, early=early)
         except BaseException:
             # The cancelled gate fails the queued write, which removes its tmp dir; the
             # caller gets the copy's own error, and the step may be retried.
@@ -316,6 +312,56 @@ class CheckpointManager:
             with self._state_lock:
                 self._unfenced.append(snapshot)
         return SaveHandle(self, step, future, stall, started)
+
+    def _plan_in_a_slot(self, full_state: dict[str, Any], lazy: bool
+                        ) -> tuple[SavePlan, torch.Tensor, Optional[early_stage.EarlyStage], bool]:
+        """Plan the save, take a staging slot (blocking while ``max_inflight_saves`` saves
+        write) and a buffer for it. Returns the plan, the buffer, the early copy that ran
+        while planning (if any) and whether encoding's addresses may be stale (other
+        threads ran between encoding and now). Training thread; TypeError names a bad path.
+
+        An eager save of a structure saved before starts copying while it is encoded, into
+        the last layout (kept only if the plan confirms it, see pipeline.early_stage): its
+        slot and buffer come first.
+        """
+        guess = None if lazy else self._layouts.layout
+        if guess is not None and len(guess.offset_array) <= early_stage.EVERY:
+            guess = None            # nothing to gain: the copy would start after encoding anyway
+        early = None
+        if guess is not None:
+            self._slots.acquire()
+            buffer = self._buffer_for_slot(guess.staging_bytes)
+            early = early_stage.EarlyStage(guess, buffer)
+        try:
+            with paused_gc():
+                plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen,
+                                 cache=self._layouts, replicas=self._replicas, observer=early)
+        except BaseException:
+            if early is not None:
+                early.wait()
+                self._pool.release(buffer)
+                self._slots.release()
+            raise
+        if early is None:
+            # Waiting for a slot lets other threads run (done callbacks of earlier saves): the
+            # addresses encoding recorded are then read again before the copy.
+            waited = not self._slots.acquire(blocking=False)
+            if waited:
+                self._slots.acquire()
+            return plan, self._buffer_for_slot(plan.staging_bytes), None, waited
+        if buffer.numel() < plan.staging_bytes:      # the structure grew: the guess was wrong
+            early.wait()
+            self._pool.release(buffer)
+            return plan, self._buffer_for_slot(plan.staging_bytes), None, False
+        return plan, buffer, early, False
+
+    def _buffer_for_slot(self, nbytes: int) -> torch.Tensor:
+        """A staging buffer for the slot just taken (given back if there is none)."""
+        try:
+            return self._pool.acquire(nbytes)
+        except BaseException:
+            self._slots.release()
+            raise
 
     def save(self, step: int, state: Mapping[str, Any], metrics: Optional[Mapping[str, float]] = None,
              *, force: bool = True) -> Optional[SaveResult]:

@@ -90,6 +90,23 @@ py::buffer_info request(const py::handle& obj, bool writable, const char* what) 
 
 size_t nbytes(const py::buffer_info& b) { return static_cast<size_t>(b.size * b.itemsize); }
 
+using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+
+// Parallel arrays of source addresses, destination offsets and lengths as staging regions.
+std::vector<Region> to_regions(const U64Array& srcs, const U64Array& offsets, const U64Array& lengths,
+                               const char* what) {
+  const py::ssize_t n = srcs.size();
+  if (offsets.size() != n || lengths.size() != n)
+    raise_format(std::string(what) + ": srcs, offsets and lengths must have the same length");
+  std::vector<Region> regions(static_cast<size_t>(n));
+  const uint64_t* s = srcs.data();
+  const uint64_t* o = offsets.data();
+  const uint64_t* l = lengths.data();
+  for (py::ssize_t k = 0; k < n; ++k)
+    regions[k] = Region{reinterpret_cast<const void*>(static_cast<uintptr_t>(s[k])), o[k], l[k]};
+  return regions;
+}
+
 // ReadJob.pieces -> ReadPiece list; the buffers stay requested in `held` while the read runs.
 std::vector<ReadPiece> to_read_pieces(const py::object& pieces, std::vector<py::buffer_info>& held) {
   std::vector<ReadPiece> out;
@@ -281,21 +298,11 @@ PYBIND11_MODULE(_native, m) {
 
   m.def(
       "stage",
-      [](const py::object& dst, const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& srcs,
-         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& offsets,
-         const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& lengths,
+      [](const py::object& dst, const U64Array& srcs, const U64Array& offsets, const U64Array& lengths,
          const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor, int threads) {
         if (threads < 1 || threads > 64) raise_format("stage: threads must be in [1, 64]");
         py::buffer_info d = request(dst, true, "dst");
-        const py::ssize_t n = srcs.size();
-        if (offsets.size() != n || lengths.size() != n)
-          raise_format("stage: srcs, offsets and lengths must have the same length");
-        std::vector<Region> regions(static_cast<size_t>(n));
-        const uint64_t* s = srcs.data();
-        const uint64_t* o = offsets.data();
-        const uint64_t* l = lengths.data();
-        for (py::ssize_t k = 0; k < n; ++k)
-          regions[k] = Region{reinterpret_cast<const void*>(static_cast<uintptr_t>(s[k])), o[k], l[k]};
+        const std::vector<Region> regions = to_regions(srcs, offsets, lengths, "stage");
         char* base = static_cast<char*>(d.ptr);
         const uint64_t len = nbytes(d);
         py::gil_scoped_release nogil;
@@ -304,6 +311,18 @@ PYBIND11_MODULE(_native, m) {
       py::arg("dst"), py::arg("srcs"), py::arg("offsets"), py::arg("lengths"),
       py::arg("chunk_ends") = std::vector<uint64_t>(), py::arg("gate") = py::none(),
       py::arg("floor") = UINT64_MAX, py::arg("threads") = 1);
+
+  py::class_<StageQueue>(m, "StageQueue")
+      .def(py::init<>())
+      .def(
+          "submit",
+          [](StageQueue& q, const py::object& dst, const U64Array& srcs, const U64Array& offsets,
+             const U64Array& lengths) {
+            py::buffer_info d = request(dst, true, "dst");
+            q.submit(static_cast<char*>(d.ptr), nbytes(d), to_regions(srcs, offsets, lengths, "StageQueue.submit"));
+          },
+          py::arg("dst"), py::arg("srcs"), py::arg("offsets"), py::arg("lengths"))
+      .def("wait", &StageQueue::wait, py::call_guard<py::gil_scoped_release>());
 
   py::class_<Writer>(m, "Writer")
       .def(py::init([](int threads, int nice) {

@@ -13,21 +13,32 @@ namespace ackpt {
 namespace {
 // A helper thread takes at least this much copying (fewer bytes: fewer threads).
 constexpr uint64_t kMinShare = uint64_t(8) << 20;
-}  // namespace
 
-void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regions,
-                   const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor,
-                   unsigned threads) {
+// FormatError unless every region lies inside [0, dst_len) with a source (and, when
+// `sorted`, at or after the end of the one before).
+void check_regions(uint64_t dst_len, const std::vector<Region>& regions, bool sorted) {
   uint64_t previous = 0;
   for (size_t k = 0; k < regions.size(); ++k) {
     const Region& r = regions[k];
-    if (r.dst_offset < previous || r.length > dst_len || r.dst_offset > dst_len - r.length)
+    if ((sorted && r.dst_offset < previous) || r.length > dst_len || r.dst_offset > dst_len - r.length)
       throw FormatError("staging region " + std::to_string(k) + " [" + std::to_string(r.dst_offset) +
                         ", +" + std::to_string(r.length) + ") is unsorted or outside the " +
                         std::to_string(dst_len) + "-byte buffer");
     if (r.length && !r.src) throw FormatError("staging region " + std::to_string(k) + ": null source");
     previous = r.dst_offset + r.length;
   }
+}
+
+void copy_regions(char* dst, const std::vector<Region>& regions) {
+  for (const Region& r : regions)
+    if (r.length) std::memcpy(dst + r.dst_offset, r.src, r.length);
+}
+}  // namespace
+
+void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regions,
+                   const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor,
+                   unsigned threads) {
+  check_regions(dst_len, regions, true);
   // Share the bytes among `threads` copiers (each at least kMinShare): the calling thread
   // copies the front and opens the gate behind it; helpers copy the rest in equal slices.
   uint64_t total = 0;
@@ -50,10 +61,7 @@ void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regio
     share[p].push_back(r);
     filled += r.length;
   }
-  auto copy = [&](const std::vector<Region>& part) {
-    for (const Region& r : part)
-      if (r.length) std::memcpy(dst + r.dst_offset, r.src, r.length);
-  };
+  auto copy = [&](const std::vector<Region>& part) { copy_regions(dst, part); };
   std::vector<std::thread> helpers;
   for (unsigned h = 1; h < parts; ++h) {
     try {
@@ -83,6 +91,47 @@ void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regio
     const size_t ready = static_cast<size_t>(
         std::upper_bound(chunk_ends.begin(), chunk_ends.end(), floor) - chunk_ends.begin());
     if (ready > opened) gate->advance(ready);
+  }
+}
+
+StageQueue::StageQueue() : worker_([this] { run(); }) {}
+
+StageQueue::~StageQueue() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  work_.notify_one();
+  worker_.join();   // run() drains the queue before it returns
+}
+
+void StageQueue::submit(char* dst, uint64_t dst_len, std::vector<Region> regions) {
+  check_regions(dst_len, regions, false);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back(Batch{dst, std::move(regions)});
+  }
+  work_.notify_one();
+}
+
+void StageQueue::wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_.wait(lock, [&] { return queue_.empty() && !busy_; });
+}
+
+void StageQueue::run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+    if (queue_.empty()) return;   // stopping, nothing left
+    Batch batch = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    lock.unlock();
+    copy_regions(batch.dst, batch.regions);
+    lock.lock();
+    busy_ = false;
+    if (queue_.empty()) idle_.notify_all();
   }
 }
 

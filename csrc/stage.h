@@ -4,8 +4,12 @@
 // released; sources are host memory the caller keeps alive. No Python.
 #pragma once
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "gate.h"
@@ -27,5 +31,36 @@ struct Region {
 void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regions,
                    const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor,
                    unsigned threads = 1);
+
+// Copies made by a thread of its own while the caller goes on (the snapshot's early copy,
+// queued by the training thread while it is still encoding the state). submit() checks a
+// batch of regions against [0, dst_len) (FormatError, nothing queued) and queues it;
+// the worker copies batches in order and opens no gate. wait() blocks until every queued
+// batch is copied. Sources and dst must stay alive until then; the destructor waits too.
+class StageQueue {
+ public:
+  StageQueue();
+  ~StageQueue();
+  StageQueue(const StageQueue&) = delete;
+  StageQueue& operator=(const StageQueue&) = delete;
+
+  void submit(char* dst, uint64_t dst_len, std::vector<Region> regions);
+  void wait();
+
+ private:
+  struct Batch {
+    char* dst;
+    std::vector<Region> regions;
+  };
+  void run();
+
+  std::mutex mu_;
+  std::condition_variable work_;
+  std::condition_variable idle_;
+  std::deque<Batch> queue_;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::thread worker_;
+};
 
 }  // namespace ackpt

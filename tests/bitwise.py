@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -11,10 +12,12 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def same(a, b) -> bool:
-    """Equal dtypes, shapes and bits for tensors; recursively equal dicts (in key order),
+    """Equal dtypes, shapes and bits for tensors and ndarrays; recursively equal dicts (in key order),
     lists and tuples; ``==`` for anything else."""
     if isinstance(a, torch.Tensor):
         return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
     if isinstance(a, dict):
         return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):

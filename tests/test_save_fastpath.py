@@ -229,8 +229,8 @@ def with_shards(monkeypatch, shards):
     """Make plan_save see arrays ``shards`` (index -> (global shape, offset)) as DTensor shards."""
     real = plan_mod.encode_table
 
-    def encode(state):
-        node, table = real(state)
+    def encode(state, **options):
+        node, table = real(state, **options)
         table.globals.update(shards)
         return node, table
 

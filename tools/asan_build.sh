@@ -65,6 +65,7 @@ if [[ $# -eq 0 ]]; then
   # in the sanitizer's allocator (google/sanitizers issue 774), not in our code.
   set -- "$REPO/tests/test_native.py" "$REPO/tests/test_native_io.py" "$REPO/tests/test_fuzz.py" \
          "$REPO/tests/test_gate.py" "$REPO/tests/test_device_crc.py" "$REPO/tests/test_device_copy.py" \
+         "$REPO/tests/test_early_stage.py" \
          -k "not test_pools_work_in_a_forked_child"
 fi
 args=()

@@ -34,8 +34,9 @@ import base64
 import binascii
 import math
 import re
+import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -185,9 +186,9 @@ class _Encoder:
     """
 
     __slots__ = ("add_dtype", "add_host", "add_nbytes", "add_shape", "add_value", "by_id", "by_key", "by_ptr",
-                 "devices", "keep", "kinds", "max_depth", "table")
+                 "devices", "keep", "kinds", "max_depth", "notify_at", "observer", "table")
 
-    def __init__(self, max_depth: int) -> None:
+    def __init__(self, max_depth: int, observer: Optional[ArrayObserver] = None) -> None:
         self.table = t = ArrayTable()
         self.add_value, self.add_dtype, self.add_shape = t.values.append, t.dtypes.append, t.shapes.append
         self.add_nbytes, self.add_host = t.nbytes.append, t.host.append
@@ -200,6 +201,10 @@ class _Encoder:
         self.keep: list[Any] = []                      # keeps encoded objects alive: ids stay unique
         self.devices: dict[Any, str] = {}
         self.max_depth = max_depth
+        self.observer = observer
+        # The index of the array after which the observer is next told (checked on the common
+        # path only, one comparison per tensor).
+        self.notify_at = observer.every - 1 if observer is not None else sys.maxsize
 
     def enc(self, obj: Any, depth: int) -> Node:
         t = type(obj)
@@ -285,6 +290,9 @@ class _Encoder:
                 self.add_shape(shape)
                 self.add_nbytes(nbytes)
                 self.add_host(ptr if t.is_contiguous() else -1)
+                if idx >= self.notify_at:
+                    self.notify_at = idx + self.observer.every
+                    self.observer.arrays_added(self.table)
                 return {"$": "tensor", "array": idx, "device": "cpu", "requires_grad": t.requires_grad}
         idx, dev = self.new_tensor(t)
         return {"$": "tensor", "array": idx, "device": dev, "requires_grad": t.requires_grad}
@@ -517,10 +525,21 @@ class ArrayTable:
         return map(_array_ref, self.values, self.dtypes, self.shapes, self.nbytes)
 
 
-def encode_table(obj: Any, *, path: str = "", max_depth: int = MAX_DEPTH) -> tuple[Node, ArrayTable]:
+class ArrayObserver(Protocol):
+    """Told while encoding runs (training thread) that the table has grown: after about
+    every ``every`` arrays, ``arrays_added(table)``, whose rows so far are final. Lets a
+    snapshot start copying before the whole tree is encoded."""
+
+    every: int
+
+    def arrays_added(self, table: ArrayTable) -> None: ...
+
+
+def encode_table(obj: Any, *, path: str = "", max_depth: int = MAX_DEPTH,
+                 observer: Optional[ArrayObserver] = None) -> tuple[Node, ArrayTable]:
     """:func:`encode_tree` with the arrays as an :class:`ArrayTable` (what planning uses)."""
     _bind()
-    enc = _Encoder(max_depth)
+    enc = _Encoder(max_depth, observer)
     try:
         node = enc.enc(obj, 0)
     except _PathError as e:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..format.manifest import ItemEntry
-from ..format.tree import ArrayRef, ArrayTable, encode_table
+from ..format.tree import ArrayObserver, ArrayRef, ArrayTable, encode_table
 
 # Every array starts at a multiple of this in the staging buffer, so a byte view of it can
 # be reinterpreted as any dtype (complex128 has the largest item size, 16).
@@ -105,7 +105,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def plan_save(state: Mapping[str, Any], chunk_bytes: int,
               item_meta: Optional[Mapping[str, ItemEntry]] = None, separate_frozen: bool = True,
               cache: Optional[LayoutCache] = None,
-              replicas: Optional[Any] = None) -> SavePlan:
+              replicas: Optional[Any] = None, observer: Optional[ArrayObserver] = None) -> SavePlan:
     """Encode ``state`` and lay its arrays out in staging memory and chunks.
 
     With ``separate_frozen``, parameters with ``requires_grad=False`` of the modules in
@@ -113,6 +113,8 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
 
     ``replicas(state, arrays)``, with several ranks, returns the arrays another rank writes
     (index → (rank, index)): they are left out of the layout.
+
+    ``observer`` is told as the array table grows (see :class:`~async_ckpt.format.tree.ArrayObserver`).
 
     Raises TypeError naming the path of any value the format cannot hold.
     """
@@ -125,7 +127,7 @@ def plan_save(state: Mapping[str, Any], chunk_bytes: int,
     for name, value in state.items():
         meta = (item_meta or {}).get(name)
         items[name] = meta or ItemEntry(item_kind(name, value), _type_name(value))
-    tree, arrays = encode_table(dict(state))
+    tree, arrays = encode_table(dict(state), observer=observer)
     n = len(arrays)
     frozen = _frozen_parameters(state) if separate_frozen else {}
     if frozen:

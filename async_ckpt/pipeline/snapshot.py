@@ -20,7 +20,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from ..options import ranks_per_node
 from ..storage.base import KnownCrcs
 from . import device_copy
 from .plan import SavePlan
+
+if TYPE_CHECKING:
+    from .early_stage import EarlyStage
 
 
 PAGE = 4096
@@ -310,7 +313,8 @@ def take_snapshot(plan: SavePlan, buffer: torch.Tensor, wait: bool = True,
 
 
 def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = frozenset(),
-              copier: Optional[Executor] = None, recorded_addresses: bool = True) -> None:
+              copier: Optional[Executor] = None, recorded_addresses: bool = True,
+              early: Optional[EarlyStage] = None) -> None:
     """Copy every array of the snapshot's plan into its buffer.
 
     Eager (``wait``): every copy is complete on return. Lazy: CPU arrays whose index is in
@@ -326,11 +330,18 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
     in between: the host addresses encoding recorded are still those of the arrays' bytes.
     A caller that may have let other code run since (it waited for a free staging slot)
     passes ``recorded_addresses=False``, and they are read again.
+
+    ``early`` is the copy that ran while the plan was being made: what it staged is not
+    copied again if its guessed layout was the plan's, and is overwritten otherwise. It
+    has finished when this returns or raises.
     """
     plan, buffer, gate = snap.plan, snap.buffer, snap.gate
     host = buffer.numpy()
     later = np.zeros(0, np.int64)
     try:
+        already = early.finish(plan) if early is not None else None
+        if early is not None and already is None:
+            early.wait()        # a wrong guess: its copies land before the right ones
         staged, addresses = _staged(plan, recorded_addresses)
         # Whatever is not plain host memory is looked at one by one: CUDA, strided, lazy bits.
         cuda = np.zeros(len(staged), bool)
@@ -341,6 +352,8 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
         deferring = not wait and copier is not None and bool(deferred)
         postponed = _members(staged, deferred, len(plan.arrays)) & ~cuda if deferring else np.zeros_like(cuda)
         now = ~(cuda | postponed)
+        if already is not None:
+            now &= ~already[staged]
         on_device, later = staged[cuda].tolist(), staged[postponed]
         offsets, _ = _offsets_and_lengths(plan)
         cuda_floor = float(offsets[on_device[0]]) if on_device else float("inf")
@@ -358,8 +371,12 @@ def copy_into(snap: Snapshot, wait: bool = True, deferred: frozenset[int] = froz
         # for the stall; only the background waits for the commit.
         _copy_cpu(plan, buffer, staged[now], None, later_floor, addresses[now])
     except BaseException as e:
+        if early is not None:
+            early.wait()
         snap._fail(e)
         raise
+    if early is not None:
+        early.wait()
     if wait or (not len(later) and not snap.cuda_marks):
         snap._finish()
         return
