@@ -158,3 +158,56 @@ def test_a_mismatch_found_after_reading_puts_the_tensors_back(tmp_path, monkeypa
     assert read_in_place == [16]          # a's 16 tensors were overwritten first
     for k, v in live_a.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def flip_first_chunk(step_dir) -> None:
+    data = step_dir / "data-r0-0.bin"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0x01
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("flip", [flip_first_chunk, flip_last_chunk], ids=["first", "last"])
+def test_a_bad_chunk_and_a_mismatch_together_raise_the_read_error_and_change_nothing(tmp_path, flip):
+    """The shapes are checked while the chunks are read: the read's error wins, and neither
+    the storage's own put-back nor the check's roll-back (whose backups a failed read may
+    not have filled) leaves other bytes."""
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"a": model_of(1), "b": torch.nn.Linear(4, 4)})
+    flip(tmp_path / "checkpoint-1")
+    live_a, live_b = model_of(2), torch.nn.Linear(4, 5)
+    before = snapshot(live_a)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        with pytest.raises(ChecksumError):
+            mgr.restore({"a": live_a, "b": live_b}, step=1)
+    for k, v in live_a.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_the_tree_is_decoded_and_checked_while_the_chunks_are_read(tmp_path, monkeypatch):
+    """The read waits until decoding has started: done one after the other, it times out."""
+    import threading
+
+    from async_ckpt.pipeline import restore
+
+    decoding = threading.Event()
+    real_decode, real_read = restore.decode_items, None
+
+    def decode(*args, **kw):
+        decoding.set()
+        return real_decode(*args, **kw)
+
+    monkeypatch.setattr(restore, "decode_items", decode)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(300)}    # shared chunks: views
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"model": tensors})
+        real_read = mgr._storage.read
+
+        def read(*args, **kw):
+            assert decoding.wait(10), "the tree was decoded only after the read"
+            return real_read(*args, **kw)
+
+        monkeypatch.setattr(mgr._storage, "read", read)
+        live = {k: torch.zeros(100) for k in tensors}
+        mgr.restore({"model": live}, step=1)
+    assert all(torch.equal(live[k], t) for k, t in tensors.items())

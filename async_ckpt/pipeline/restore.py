@@ -10,6 +10,7 @@ decodes into them; it knows nothing of steps or save policy.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -62,7 +63,8 @@ def _byte_view(value: Any) -> np.ndarray:
 def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int = 0,
                 indices: Optional[Iterable[int]] = None,
                 destinations: Optional[Mapping[int, Any]] = None,
-                backups: Optional[Mapping[int, np.ndarray]] = None) -> dict[int, Any]:
+                backups: Optional[Mapping[int, np.ndarray]] = None,
+                meanwhile: Optional[Callable[[dict[int, Any]], None]] = None) -> dict[int, Any]:
     """Materialise the requested arrays of ``rank`` (all when ``indices`` is None) on CPU.
 
     An array made of whole chunks is decoded straight into its own fresh memory. A chunk
@@ -76,6 +78,12 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     destination's current bytes are kept there before they are overwritten, and when
     reading fails the storage has put them back. A destination without a backup may hold
     partial data after a failure.
+
+    The chunks are read on a thread of their own (the GIL released in native reads) while
+    the calling thread makes the views of the shared chunks' arrays and then runs
+    ``meanwhile(arrays)``, with the arrays whose bytes are not there yet: work that needs
+    only their dtypes and shapes. If the read fails, its error is raised once that is
+    done; ``meanwhile`` should not raise.
     """
     check_data_files(storage, location, manifest)   # before allocating what the manifest declares
     section = manifest.section(rank)
@@ -92,6 +100,10 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
 
     claimed: dict[int, int] = {}
     typed: dict[tuple[int, Any], torch.Tensor] = {}           # (chunk, dtype) → typed view of its slab
+    # Arrays that are views of their chunk's buffer, made while the chunks are read (they
+    # need none of its bytes): (index, chunk, offset, entry).
+    views: list[tuple[int, int, int, Any]] = []
+    itemsizes: dict[str, int] = {}
 
     def slab(chunk: int) -> torch.Tensor:
         buf = slabs.get(chunk)
@@ -112,10 +124,13 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
             keep = backups.get(index)
         elif len(parts) == 1 and (parts[0][1] or parts[0][2] != chunks[parts[0][0]].raw_length):
             # Inside a shared chunk: a view of the chunk's buffer when the start suits the dtype.
-            chunk = parts[0][0]
-            view = _view(slab(chunk), chunk, parts[0][1], entry, typed)
-            if view is not None:
-                out[index] = view
+            chunk, offset = parts[0][0], parts[0][1]
+            itemsize = itemsizes.get(entry.dtype)
+            if itemsize is None:
+                itemsize = itemsizes[entry.dtype] = parse_array_dtype(entry.dtype)[2]
+            if entry.nbytes and offset % itemsize == 0:
+                slab(chunk)
+                views.append((index, chunk, offset, entry))
                 continue
             value, raw = _allocate(entry.dtype, entry.shape, entry.nbytes)
         else:
@@ -155,13 +170,42 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
         if pos < chunks[chunk].raw_length:
             pieces.append((memoryview(slab(chunk).numpy()[pos:]), None))
         requests.append(ReadRequest(chunk, chunks[chunk], pieces=tuple(pieces)))
+    def make_views() -> None:
+        for index, chunk, offset, entry in views:
+            out[index] = _view(slabs[chunk], offset, entry, typed)
+        if meanwhile is not None:
+            meanwhile(out)
+
     if requests:
-        storage.read(location, manifest.files, requests)
+        _read_while(lambda: storage.read(location, manifest.files, requests), make_views)
+    else:
+        make_views()
     for dst, backup, chunk, offset in copies:
         if backup is not None:
             backup[:] = dst
         dst[:] = slabs[chunk].numpy()[offset:offset + len(dst)]
     return out
+
+
+def _read_while(read: Callable[[], Any], work: Callable[[], None]) -> None:
+    """Run ``read`` on a thread of its own while ``work`` runs here; raise the read's error
+    (after ``work`` is done), else ``work``'s."""
+    failed: list[BaseException] = []
+
+    def reading() -> None:
+        try:
+            read()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            failed.append(e)
+
+    reader = threading.Thread(target=reading, name="async_ckpt-restore-read", daemon=True)
+    reader.start()
+    try:
+        work()
+    finally:
+        reader.join()
+        if failed:
+            raise failed[0]
 
 
 # A shared chunk is decoded whole; its raw bytes beyond what its arrays claim are padding
@@ -192,22 +236,18 @@ def _chunk_buffer(nbytes: int, what: str) -> torch.Tensor:
                            f"({str(e).splitlines()[0][:200]})") from None
 
 
-def _view(buf: torch.Tensor, chunk: int, offset: int, entry: Any,
-          typed: dict[tuple[int, Any], torch.Tensor]) -> Any:
-    """The array as a view of a chunk's decoded bytes, or None when its start does not suit
-    its dtype (a hostile or foreign manifest; the caller copies instead).
+def _view(buf: torch.Tensor, offset: int, entry: Any, typed: dict[tuple[int, Any], torch.Tensor]) -> Any:
+    """The array as a view of a chunk's decoded bytes (``buf``); its start suits its dtype.
 
     ``typed`` caches one view of each slab per dtype, so an array costs one slice (and a
     reshape unless it is 1-D): thousands of small tensors share a few slabs."""
     kind, dt, itemsize = parse_array_dtype(entry.dtype)
-    if offset % itemsize or entry.nbytes == 0:
-        return None
     if kind != "torch":
         return buf.numpy()[offset:offset + entry.nbytes].view(dt).reshape(tuple(entry.shape))
-    base = typed.get((chunk, dt))
+    base = typed.get((id(buf), dt))
     if base is None:
         usable = buf.numel() - buf.numel() % itemsize
-        base = typed[(chunk, dt)] = buf[:usable].view(dt)
+        base = typed[(id(buf), dt)] = buf[:usable].view(dt)
     start = offset // itemsize
     flat = base[start:start + entry.nbytes // itemsize]
     shape = entry.shape
@@ -401,15 +441,17 @@ def _source_rank(manifest: Manifest, rank: int, world_size: Optional[int]) -> in
 
 def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, tree: Any,
                 names: Optional[list[str]], destinations: Mapping[int, Any], live: Mapping[Any, Any],
-                backups: Optional[Mapping[int, np.ndarray]] = None) -> dict[int, Any]:
+                backups: Optional[Mapping[int, np.ndarray]] = None,
+                meanwhile: Optional[Callable[[dict[int, Any]], None]] = None) -> dict[int, Any]:
     """Every array the named items reference: ordinary ones from section ``src``, sharded
-    ones assembled to the box the live value needs (its local shard, or the whole array)."""
+    ones assembled to the box the live value needs (its local shard, or the whole array).
+    ``meanwhile`` as for :func:`read_arrays` (with sharded arrays it runs after the read)."""
     section = manifest.section(src)
     indices = item_arrays(tree, names) if names is not None else set(range(len(section.arrays)))
     sharded = [j for j in indices if section.arrays[j].global_shape is not None]
     if not sharded:
         return read_arrays(storage, location, manifest, src, indices=indices, destinations=destinations,
-                           backups=backups)
+                           backups=backups, meanwhile=meanwhile)
     plain = {j for j in indices if section.arrays[j].global_shape is None}
     paths = reshard.array_paths(tree)
     wanted, templates = [], {}
@@ -438,6 +480,8 @@ def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, t
                 arrays[j] = v
     for j, box in reshard.Pieces.assemble(plan, got).items():
         arrays[j] = reshard.shard_like(templates[j], box) if j in templates else box
+    if meanwhile is not None:
+        meanwhile(arrays)
     return arrays
 
 
@@ -548,12 +592,25 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     with _borrowed(borrow, total) as scratch:
         backups = {index: scratch[offset:offset + section.arrays[index].nbytes].numpy()
                    for index, offset in layout.items()}
-        arrays = _read_items(storage, location, manifest, src, tree, names, destinations, live, backups)
+        checked: dict[str, Any] = {}
+
+        def check(arrays: dict[int, Any]) -> None:
+            """Decode and precheck while the chunks are read: neither needs their bytes."""
+            try:
+                checked["saved"] = decode_items(tree, arrays, names)
+                for name in state:
+                    _precheck(state[name], checked["saved"][name], name)
+            except BaseException as e:  # noqa: BLE001 - raised once the read is over
+                checked["error"] = e
+
+        # A failed read has put back what it overwrote; a failed check is rolled back here,
+        # once every backup is complete.
+        _read_items(storage, location, manifest, src, tree, names, destinations, live, backups, check)
         rollback = _Rollback(in_place, backups)
-        with rollback.on_error(list(state)):
-            saved = decode_items(tree, arrays, names)
-            for name in state:
-                _precheck(state[name], saved[name], name)
+        if "error" in checked:
+            with rollback.on_error(list(state)):
+                raise checked["error"]
+        saved = checked["saved"]
         applied: list[str] = []
         try:
             for name in state:
