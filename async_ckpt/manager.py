@@ -331,14 +331,16 @@ class CheckpointManager:
         if guess is not None:
             self._slots.acquire()
             buffer = self._buffer_for_slot(guess.staging_bytes)
-            early = early_stage.EarlyStage(guess, buffer)
         try:
+            if guess is not None:
+                early = early_stage.EarlyStage(guess, buffer)
             with paused_gc():
                 plan = plan_save(full_state, self.options.chunk_bytes, separate_frozen=self.options.reuse_frozen,
                                  cache=self._layouts, replicas=self._replicas, observer=early)
         except BaseException:
-            if early is not None:
-                early.wait()
+            if guess is not None:
+                if early is not None:
+                    early.wait()
                 self._pool.release(buffer)
                 self._slots.release()
             raise

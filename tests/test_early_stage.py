@@ -174,3 +174,21 @@ def test_a_bad_value_found_while_copying_early_gives_the_slot_back(tmp_path, ear
         threading.Thread(target=lambda: (mgr.save(3, {"model": tensors}), done.set()), daemon=True).start()
         assert done.wait(30), "the failed save kept its staging slot"
         assert same(mgr.load(3)["model"], tensors)
+
+
+def test_an_early_copy_that_cannot_start_gives_the_slot_back(tmp_path, early_every, monkeypatch):
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(40)}
+
+    def no_thread(self, *args):
+        raise RuntimeError("no thread to be had")
+
+    with _manager(tmp_path, max_inflight_saves=1) as mgr:
+        mgr.save(1, {"model": tensors})
+        monkeypatch.setattr(early_stage.EarlyStage, "__init__", no_thread)
+        with pytest.raises(RuntimeError, match="no thread"):
+            mgr.save(2, {"model": tensors})
+        monkeypatch.undo()
+        done = threading.Event()
+        threading.Thread(target=lambda: (mgr.save(3, {"model": tensors}), done.set()), daemon=True).start()
+        assert done.wait(30), "the failed save kept its staging slot"
+        assert same(mgr.load(3)["model"], tensors)
