@@ -192,3 +192,17 @@ def test_an_early_copy_that_cannot_start_gives_the_slot_back(tmp_path, early_eve
         threading.Thread(target=lambda: (mgr.save(3, {"model": tensors}), done.set()), daemon=True).start()
         assert done.wait(30), "the failed save kept its staging slot"
         assert same(mgr.load(3)["model"], tensors)
+
+
+def test_back_to_back_saves_with_two_in_flight_each_hold_their_own_values(tmp_path, early_every):
+    tensors = {f"t{i}": torch.zeros(3000 + i) for i in range(40)}
+    with _manager(tmp_path, max_inflight_saves=2) as mgr:
+        for step in range(1, 7):
+            for t in tensors.values():
+                t.fill_(float(step))
+            mgr.save_async(step, {"model": tensors})     # returns once its copy is done
+        mgr.wait_until_finished()
+        assert sum(1 for kept in early_every if kept) == 5
+        for step in range(1, 7):
+            loaded = mgr.load(step)["model"]
+            assert all(torch.equal(loaded[k], torch.full_like(t, float(step))) for k, t in tensors.items()), step
