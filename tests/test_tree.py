@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from async_ckpt.errors import FormatError
-from async_ckpt.format.tree import (MAX_DEPTH, ArrayRef, decode_tree, dtype_name, encode_tree, is_stateful,
-                             parse_array_dtype, walk_arrays)
+from async_ckpt.format.tree import (MAX_DEPTH, ArrayRef, decode_tree, dtype_name, encode_table, encode_tree,
+                                    is_stateful, parse_array_dtype, walk_arrays)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -879,3 +879,20 @@ def test_fuzz_mutated_valid_trees(data):
         decode_tree(mutated, arrays)
     except FormatError:
         pass
+
+
+def test_the_observer_is_told_as_the_table_grows_with_final_rows():
+    seen = []
+
+    class Observer:
+        every = 3
+
+        def arrays_added(self, table):
+            seen.append((len(table.values), list(table.host), list(table.nbytes)))
+
+    tensors = {f"t{i}": torch.arange(i + 1, dtype=torch.float32) for i in range(10)}
+    tree, table = encode_table({"model": tensors, "tail": [torch.ones(2, 2).t()]}, observer=Observer())
+    assert [n for n, _, _ in seen] == [3, 6, 9]
+    for n, host, nbytes in seen:           # every row the observer saw is final
+        assert host == table.host[:n] and nbytes == table.nbytes[:n]
+    assert len(table.values) == 11 and table.host[-1] == -1     # a transposed view: not plain memory
