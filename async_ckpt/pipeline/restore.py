@@ -99,11 +99,11 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     direct: set[int] = set()                                  # chunks decoded straight into an array
 
     claimed: dict[int, int] = {}
-    typed: dict[tuple[int, Any], torch.Tensor] = {}           # (chunk, dtype) → typed view of its slab
+    typed: dict[tuple[int, Any], torch.Tensor] = {}           # (id of a slab, dtype) → typed view of it
     # Arrays that are views of their chunk's buffer, made while the chunks are read (they
-    # need none of its bytes): (index, chunk, offset, entry).
-    views: list[tuple[int, int, int, Any]] = []
-    itemsizes: dict[str, int] = {}
+    # need none of its bytes): (index, chunk, offset, entry, parsed dtype).
+    views: list[tuple[int, int, int, Any, tuple[str, Any, int]]] = []
+    parsed: dict[str, tuple[str, Any, int]] = {}              # dtype string → parse_array_dtype's answer
 
     def slab(chunk: int) -> torch.Tensor:
         buf = slabs.get(chunk)
@@ -125,12 +125,12 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
         elif len(parts) == 1 and (parts[0][1] or parts[0][2] != chunks[parts[0][0]].raw_length):
             # Inside a shared chunk: a view of the chunk's buffer when the start suits the dtype.
             chunk, offset = parts[0][0], parts[0][1]
-            itemsize = itemsizes.get(entry.dtype)
-            if itemsize is None:
-                itemsize = itemsizes[entry.dtype] = parse_array_dtype(entry.dtype)[2]
-            if entry.nbytes and offset % itemsize == 0:
+            dtype = parsed.get(entry.dtype)
+            if dtype is None:
+                dtype = parsed[entry.dtype] = parse_array_dtype(entry.dtype)
+            if entry.nbytes and offset % dtype[2] == 0:
                 slab(chunk)
-                views.append((index, chunk, offset, entry))
+                views.append((index, chunk, offset, entry, dtype))
                 continue
             value, raw = _allocate(entry.dtype, entry.shape, entry.nbytes)
         else:
@@ -170,9 +170,10 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
         if pos < chunks[chunk].raw_length:
             pieces.append((memoryview(slab(chunk).numpy()[pos:]), None))
         requests.append(ReadRequest(chunk, chunks[chunk], pieces=tuple(pieces)))
+
     def make_views() -> None:
-        for index, chunk, offset, entry in views:
-            out[index] = _view(slabs[chunk], offset, entry, typed)
+        for index, chunk, offset, entry, dtype in views:
+            out[index] = _view(slabs[chunk], offset, entry, dtype, typed)
         if meanwhile is not None:
             meanwhile(out)
 
@@ -236,12 +237,14 @@ def _chunk_buffer(nbytes: int, what: str) -> torch.Tensor:
                            f"({str(e).splitlines()[0][:200]})") from None
 
 
-def _view(buf: torch.Tensor, offset: int, entry: Any, typed: dict[tuple[int, Any], torch.Tensor]) -> Any:
-    """The array as a view of a chunk's decoded bytes (``buf``); its start suits its dtype.
+def _view(buf: torch.Tensor, offset: int, entry: Any, dtype: tuple[str, Any, int],
+          typed: dict[tuple[int, Any], torch.Tensor]) -> Any:
+    """The array as a view of a chunk's decoded bytes (``buf``); its start suits its dtype
+    (``dtype``: what :func:`parse_array_dtype` says of ``entry.dtype``).
 
     ``typed`` caches one view of each slab per dtype, so an array costs one slice (and a
     reshape unless it is 1-D): thousands of small tensors share a few slabs."""
-    kind, dt, itemsize = parse_array_dtype(entry.dtype)
+    kind, dt, itemsize = dtype
     if kind != "torch":
         return buf.numpy()[offset:offset + entry.nbytes].view(dt).reshape(tuple(entry.shape))
     base = typed.get((id(buf), dt))
