@@ -29,8 +29,6 @@ namespace {
 constexpr size_t kAlign = 4096;
 constexpr size_t kDirectMin = size_t(1) << 20;
 constexpr size_t kDirectSlice = size_t(32) << 20;  // per pwrite; 8 MiB: ~0.87 of the ceiling
-constexpr size_t kFuse = size_t(256) << 10;       // crc+copy granularity (stays in L2)
-constexpr size_t kBufferedSlice = size_t(4) << 20;  // crc then pwrite, slice by slice
 
 // CODEC_AUTO probe: kProbeParts samples of kProbePart bytes spread over the chunk.
 constexpr size_t kProbePart = size_t(64) << 10;
@@ -76,50 +74,30 @@ void direct_or_buffered(FileState& f, const char* p, size_t len, size_t padded, 
   pwrite_all(f.fd, p, len, off);
 }
 
-// Stores src as is; computes its crc on the way unless known. Returns the offset.
-uint64_t store_raw(FileState& f, Scratch& s, const char* src, size_t len, uint32_t* crc,
-                   bool crc_known) {
-  uint32_t c = 0;
-  uint64_t off;
-  if (len >= kDirectMin && f.direct_ok.load(std::memory_order_relaxed)) {
-    off = reserve(f, len, true);
-    for (size_t pos = 0; pos < len; pos += kDirectSlice) {
-      const size_t n = std::min(kDirectSlice, len - pos);
-      const char* in = src + pos;
-      size_t body = 0;  // written straight from the source: an aligned start, whole pages
-      if (reinterpret_cast<uintptr_t>(in) % kAlign == 0) body = n - n % kAlign;
-      if (body) {
-        if (!crc_known) c = crc32c(c, in, body);
-        direct_or_buffered(f, in, body, body, off + pos);
-      }
-      if (body == n) continue;
-      // The rest (an unaligned source, or the last partial page of a chunk) goes through
-      // the bounce buffer, zero-padded to whole pages.
-      const char* rest = in + body;
-      const size_t left = n - body;
-      char* b = s.bounce.ensure(kDirectSlice);
-      for (size_t q = 0; q < left; q += kFuse) {  // crc and copy while the bytes are in cache
-        const size_t m = std::min(kFuse, left - q);
-        if (!crc_known) c = crc32c(c, rest + q, m);
-        std::memcpy(b + q, rest + q, m);
-      }
-      const size_t padded = round_up(left, kAlign);
-      std::memset(b + left, 0, padded - left);
-      direct_or_buffered(f, b, left, padded, off + pos + body);
-    }
-  } else {
-    off = reserve(f, len, false);
-    if (crc_known) {
-      pwrite_all(f.fd, src, len, off);
-    } else {
-      for (size_t pos = 0; pos < len; pos += kBufferedSlice) {
-        const size_t n = std::min(kBufferedSlice, len - pos);
-        c = crc32c(c, src + pos, n);
-        pwrite_all(f.fd, src + pos, n, off + pos);
-      }
-    }
+// Stores src as is and returns the offset. Its crc is another task's (see Writer::write).
+uint64_t store_raw(FileState& f, Scratch& s, const char* src, size_t len) {
+  if (len < kDirectMin || !f.direct_ok.load(std::memory_order_relaxed)) {
+    const uint64_t off = reserve(f, len, false);
+    pwrite_all(f.fd, src, len, off);
+    return off;
   }
-  if (!crc_known) *crc = c;
+  const uint64_t off = reserve(f, len, true);
+  for (size_t pos = 0; pos < len; pos += kDirectSlice) {
+    const size_t n = std::min(kDirectSlice, len - pos);
+    const char* in = src + pos;
+    size_t body = 0;  // written straight from the source: an aligned start, whole pages
+    if (reinterpret_cast<uintptr_t>(in) % kAlign == 0) body = n - n % kAlign;
+    if (body) direct_or_buffered(f, in, body, body, off + pos);
+    if (body == n) continue;
+    // The rest (an unaligned source, or the last partial page of a chunk) goes through
+    // the bounce buffer, zero-padded to whole pages.
+    const size_t left = n - body;
+    char* b = s.bounce.ensure(kDirectSlice);
+    std::memcpy(b, in + body, left);
+    const size_t padded = round_up(left, kAlign);
+    std::memset(b + left, 0, padded - left);
+    direct_or_buffered(f, b, left, padded, off + pos + body);
+  }
   return off;
 }
 
@@ -220,15 +198,28 @@ std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
   std::vector<ChunkRecord> records(jobs.size());
   std::vector<Scratch> scratch(pool_.size());
 
-  pool_.run(jobs.size(), [&](size_t i, unsigned w) {
+  // Every job is two tasks, taken in this order: 2i stores it (codec, stored crc, pwrite),
+  // 2i+1 computes its raw crc32c. Done in one task, the crc came before the pwrite and the
+  // disk waited for it; as a task of its own it runs on another worker while a write is in
+  // flight. Both read the staged bytes only, and only once the gate has released them.
+  std::vector<uint32_t> raw_crcs(jobs.size());
+  pool_.run(2 * jobs.size(), [&](size_t t, unsigned w) {
+    const size_t i = t / 2;
     if (gate) gate->wait(i);
     const WriteJob& j = jobs[i];
+    const char* src = static_cast<const char*>(j.src);
+    if (t % 2) {
+      if (!known_raw_crc(j, i, check_known, &raw_crcs[i])) raw_crcs[i] = crc32c(0, src, j.len);
+      return;
+    }
     FileState& f = *files[j.file];
     Scratch& s = scratch[w];
-    const char* src = static_cast<const char*>(j.src);
     ChunkRecord& r = records[i];
     r.file = j.file;
     r.raw_length = j.len;
+    r.length = j.len;
+    r.codec = kCodecRaw;
+    r.shuffle = 0;
 
     int codec = j.codec;
     const int shuf = j.shuffle > 1 ? j.shuffle : 0;
@@ -240,17 +231,10 @@ std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
       else
         codec = kCodecZstd;  // small: compress it whole, keep raw if that does not help
     }
-    const bool known = known_raw_crc(j, i, check_known, &r.raw_crc32c);
     if (codec == kCodecRaw) {
-      r.codec = kCodecRaw;
-      r.shuffle = 0;
-      r.crc32c = r.raw_crc32c;
-      r.offset = store_raw(f, s, src, j.len, &r.crc32c, known);
-      r.length = j.len;
-      r.raw_crc32c = r.crc32c;
+      r.offset = store_raw(f, s, src, j.len);
       return;
     }
-    if (!known) r.raw_crc32c = crc32c(0, src, j.len);
     const char* in = src;
     if (shuf) {
       char* sh = s.shuffled.ensure(j.len);
@@ -261,11 +245,7 @@ std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
     char* out = s.compressed.ensure(cap);
     const size_t n = zstd::compress(in, j.len, out, cap, j.level);
     if (n == 0 || n >= j.len) {  // incompressible: store raw, never shuffled
-      r.codec = kCodecRaw;
-      r.shuffle = 0;
-      r.crc32c = r.raw_crc32c;
-      r.offset = store_raw(f, s, src, j.len, &r.crc32c, true);
-      r.length = j.len;
+      r.offset = store_raw(f, s, src, j.len);
       return;
     }
     r.codec = kCodecZstd;
@@ -275,6 +255,10 @@ std::vector<ChunkRecord> Writer::write(const std::vector<std::string>& paths,
     r.offset = reserve(f, n, false);
     pwrite_all(f.fd, out, n, r.offset);
   });
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    records[i].raw_crc32c = raw_crcs[i];
+    if (records[i].codec == kCodecRaw) records[i].crc32c = raw_crcs[i];
+  }
   scratch.clear();  // release scratch memory before the fsyncs
 
   // Direct writes pad their last block, and files were allocated for every chunk raw: cut

@@ -1,5 +1,6 @@
-// Parallel chunk encoder + writer: raw crc -> optional shuffle -> zstd -> stored crc ->
-// offset reserved in the file -> pwrite. See async_ckpt/_native.pyi (Writer.write).
+// Parallel chunk encoder + writer. Per chunk, two tasks for the pool: optional shuffle -> zstd
+// -> stored crc -> offset reserved in the file -> pwrite; and the raw crc, beside it. See
+// async_ckpt/_native.pyi (Writer.write).
 #pragma once
 
 #include <string>
