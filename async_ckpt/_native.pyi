@@ -74,6 +74,15 @@ class Gate:
     @property
     def ready(self) -> int: ...
 
+def huge_page_size() -> int:
+    """Bytes in one transparent huge page here; 0 where the kernel has none."""
+
+def collapse_huge_pages(buffer: _Buffer) -> str:
+    """Move the whole huge pages inside the writable ``buffer`` onto transparent huge pages
+    now (madvise MADV_COLLAPSE), keeping its bytes; GIL released. Returns "done", "retry"
+    (not all of it this time: pages pinned by IO in flight, no free huge page) or
+    "unsupported" (never here: kernel older than 6.1, THP off, not Linux)."""
+
 def stage(dst: _Buffer, srcs: _Buffer, offsets: _Buffer, lengths: _Buffer,
           chunk_ends: Sequence[int] = (), gate: Gate | None = None, floor: int = 2**64 - 1,
           threads: int = 1) -> None:

@@ -40,6 +40,7 @@ from .format.manifest import Manifest
 from .gc_pause import paused_gc
 from .options import CheckpointManagerOptions
 from .pipeline import early_stage
+from .pipeline.huge_pages import HugePageTidier
 from .pipeline.plan import LayoutCache, SavePlan, plan_save
 from .pipeline.restore import RNG_ITEM, load_items, restore_state
 from .pipeline.saving import CommitInfo, save_collective, save_one_rank
@@ -168,7 +169,8 @@ class CheckpointManager:
                 pass
             # One lock per root, held by the coordinator: ranks on one node never refuse each other.
             self._release_lock_fn = self._take_lock()
-        self._pool = StagingPool(pinned_limit=o.max_pinned_bytes)
+        self._tidier = HugePageTidier(lambda: _lower_priority(o.writer_nice))
+        self._pool = StagingPool(pinned_limit=o.max_pinned_bytes, tidier=self._tidier)
         self._slots = threading.BoundedSemaphore(o.max_inflight_saves)
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit",
                                                initializer=_lower_priority, initargs=(o.writer_nice,))
@@ -535,6 +537,7 @@ class CheckpointManager:
                 handle.remove()
             self._fence_hooks.clear()
             self._unfenced.clear()
+            self._tidier.close()
             self._pool.clear()
             self._release_lock()
 

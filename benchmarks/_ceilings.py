@@ -2,8 +2,11 @@
 
 - snapshot floor: copy each tensor of the state into a preallocated (pre-faulted) buffer,
 - raw write: sequential write of ``nbytes`` + fsync, buffered, O_DIRECT one thread
-  (benchmarks/bench_native.py's ``ceiling_write``) and O_DIRECT on several threads; best wins,
-- raw read: the file read back after the page cache is dropped, buffered and O_DIRECT; best wins.
+  (benchmarks/bench_native.py's ``ceiling_write``), O_DIRECT on several threads, and O_DIRECT
+  from a buffer on transparent huge pages (as our staging buffers are once collapsed: a
+  block request then carries more memory per segment); best wins,
+- raw read: the file read back after the page cache is dropped, buffered, O_DIRECT, and
+  buffered into a buffer on huge pages; best wins.
 
 The single-file helpers (aligned buffers, cache dropping, one-thread write/read) are
 imported from ``benchmarks.bench_native``; only what it lacks lives here.
@@ -19,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 import torch
+
+from async_ckpt import native
 
 from benchmarks.bench_native import ALIGN, aligned_bytes, ceiling_read, ceiling_write, drop_cache
 
@@ -189,6 +194,12 @@ class DiskCeilings:
         self.data[:] = np.random.default_rng(5).integers(0, 256, nbytes, dtype=np.uint8)
         self.out = aligned_bytes(nbytes)
         self.out[:] = 0
+        # The same bytes and destination on transparent huge pages, where the kernel has them.
+        self.data_huge, self.out_huge = aligned_bytes(nbytes), aligned_bytes(nbytes)
+        self.data_huge[:] = self.data
+        self.out_huge[:] = 0
+        for buf in (self.data_huge, self.out_huge):
+            native.collapse_huge_pages(buf)
         self.folder = Path(folder)
         self.threads = threads
 
@@ -196,19 +207,22 @@ class DiskCeilings:
         self.folder.mkdir(parents=True, exist_ok=True)
         res: dict[str, float] = {}
         paths = {}
-        for variant in ("buffered", "direct", "direct_mt"):
+        for variant in ("buffered", "direct", "direct_mt", "direct_huge"):
             p = str(self.folder / f"raw-{variant}")
             if os.path.exists(p):
                 os.remove(p)
             os.sync()
             if variant == "direct_mt":
                 res[f"write_{variant}"] = ceiling_write_parallel(p, self.data, self.threads)
+            elif variant == "direct_huge":
+                res[f"write_{variant}"] = ceiling_write(p, self.data_huge, True)
             else:
                 res[f"write_{variant}"] = ceiling_write(p, self.data, variant == "direct")
             paths[variant] = p
-        for variant, direct in (("buffered", False), ("direct", True)):
+        for variant, direct, out in (("buffered", False, self.out), ("direct", True, self.out),
+                                     ("buffered_huge", False, self.out_huge)):
             drop_caches(paths.values())
-            res[f"read_{variant}"] = ceiling_read(paths["buffered"], self.out, direct)
+            res[f"read_{variant}"] = ceiling_read(paths["buffered"], out, direct)
         for p in paths.values():
             os.remove(p)
         return res

@@ -36,9 +36,11 @@ ROWS: tuple[RowDef, ...] = (
     RowDef("raw_write_buffered", "ceiling", "  raw write, buffered, 1 thread", "write", True),
     RowDef("raw_write_direct", "ceiling", "  raw write, O_DIRECT, 1 thread", "write", True),
     RowDef("raw_write_direct_mt", "ceiling", "  raw write, O_DIRECT, io_threads threads", "write", True),
+    RowDef("raw_write_direct_huge", "ceiling", "  raw write, O_DIRECT, 1 thread, from huge pages", "write", True),
     RowDef("raw_read", "ceiling", "raw sequential read, cold cache (best variant)", "read"),
     RowDef("raw_read_buffered", "ceiling", "  raw read, buffered", "read", True),
     RowDef("raw_read_direct", "ceiling", "  raw read, O_DIRECT", "read", True),
+    RowDef("raw_read_buffered_huge", "ceiling", "  raw read, buffered, into huge pages", "read", True),
     RowDef("torch_save", "peer", "torch.save + fsync", "write"),
     RowDef("safetensors_save", "peer", "safetensors save_file + fsync", "write"),
     RowDef("dcp_save", "peer", "DCP save (+ dir fsync)", "write"),
@@ -113,8 +115,9 @@ def build_rows(state: str, nbytes: int, samples: dict[str, list[float]], stored:
     """Medians and ratios for one state. ``samples``: row id → seconds per repetition."""
     s = dict(samples)
     # The ceilings are the best variant's median (as in benchmarks/bench_native.py).
-    for best, variants in (("raw_write", ("raw_write_buffered", "raw_write_direct", "raw_write_direct_mt")),
-                           ("raw_read", ("raw_read_buffered", "raw_read_direct"))):
+    for best, variants in (("raw_write", ("raw_write_buffered", "raw_write_direct", "raw_write_direct_mt",
+                                          "raw_write_direct_huge")),
+                           ("raw_read", ("raw_read_buffered", "raw_read_direct", "raw_read_buffered_huge"))):
         have = [v for v in variants if s.get(v)]
         if have:
             s[best] = list(s[min(have, key=lambda v: _median(s[v]))])

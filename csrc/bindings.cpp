@@ -17,6 +17,7 @@
 #include "errors.h"
 #include "file_io.h"
 #include "gate.h"
+#include "huge_pages.h"
 #include "reader.h"
 #include "shuffle.h"
 #include "stage.h"
@@ -447,6 +448,19 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("paths"), py::arg("jobs"), py::arg("collect_errors") = false);
 
+  m.def("huge_page_size", &huge_page_size);
+  m.def(
+      "collapse_huge_pages",
+      [](const py::object& buffer) {
+        py::buffer_info b = request(buffer, true, "buffer");
+        Collapse c;
+        {
+          py::gil_scoped_release nogil;
+          c = collapse_huge_pages(b.ptr, nbytes(b));
+        }
+        return c == Collapse::kDone ? "done" : c == Collapse::kRetry ? "retry" : "unsupported";
+      },
+      py::arg("buffer"));
   m.def("fsync_dir", &fsync_dir, py::arg("path"), py::call_guard<py::gil_scoped_release>());
   m.def("fsync_file", &fsync_path, py::arg("path"), py::call_guard<py::gil_scoped_release>());
   using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;

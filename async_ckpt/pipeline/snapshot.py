@@ -30,6 +30,7 @@ from ..format.tree import ArrayTable
 from ..options import ranks_per_node
 from ..storage.base import KnownCrcs
 from . import device_copy
+from .huge_pages import HugePageTidier
 from .plan import SavePlan
 
 if TYPE_CHECKING:
@@ -44,16 +45,19 @@ class StagingPool:
 
     Buffers are pinned when CUDA is present, up to ``pinned_limit`` bytes in all: a buffer
     that would pass the limit is allocated in pageable memory instead (its device-to-host
-    copies are then synchronous), with one warning.
+    copies are then synchronous), with one warning. With a ``tidier``, pageable buffers move
+    onto huge pages while they are free (see :mod:`.huge_pages`).
     """
 
     def __init__(self, pin_memory: Optional[bool] = None, slack: float = 0.125,
-                 pinned_limit: Optional[int] = None) -> None:
+                 pinned_limit: Optional[int] = None, tidier: Optional[HugePageTidier] = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.pinned_limit = pinned_limit
         self._slack = slack
         self._free: list[torch.Tensor] = []
         self._pinned: set[int] = set()     # data_ptr of every live pinned buffer
+        self._used: dict[int, int] = {}     # data_ptr → most bytes any user asked of the buffer
+        self._tidier = tidier
         self._lock = threading.Lock()
         self._warned = False
         self.allocations = 0          # how many buffers were ever allocated (tests watch growth)
@@ -63,10 +67,15 @@ class StagingPool:
     def acquire(self, nbytes: int) -> torch.Tensor:
         with self._lock:
             fitting = [b for b in self._free if b.numel() >= nbytes]
-            if fitting:
-                buf = min(fitting, key=lambda b: b.numel())
+            buf = min(fitting, key=lambda b: b.numel()) if fitting else None
+            if buf is not None:
                 self._free.remove(buf)
-                return buf
+                self._used[buf.data_ptr()] = max(self._used.get(buf.data_ptr(), 0), nbytes)
+        if buf is not None:
+            if self._tidier is not None:
+                self._tidier.claim(buf)
+            return buf
+        with self._lock:
             if self._free:
                 # Too small for this state: drop the largest so memory stays bounded.
                 self._forget(max(self._free, key=lambda b: b.numel()))
@@ -88,6 +97,7 @@ class StagingPool:
         with self._lock:
             self.allocations += 1
             self.allocated_bytes += size
+            self._used[buf.data_ptr()] = nbytes
             if pin:
                 self._pinned.add(buf.data_ptr())
                 self.pinned_bytes += size
@@ -101,6 +111,9 @@ class StagingPool:
         """Drop a free buffer (lock held)."""
         self._free.remove(buf)
         self.allocated_bytes -= buf.numel()
+        self._used.pop(buf.data_ptr(), None)
+        if self._tidier is not None:
+            self._tidier.forget(buf)
         if buf.data_ptr() in self._pinned:
             self._pinned.discard(buf.data_ptr())
             self.pinned_bytes -= buf.numel()
@@ -108,6 +121,9 @@ class StagingPool:
     def release(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
+            # Offered under the lock: a save that takes the buffer right after claims it back.
+            if self._tidier is not None and buf.data_ptr() not in self._pinned:
+                self._tidier.offer(buf, self._used.get(buf.data_ptr(), 0))
 
     def clear(self) -> None:
         with self._lock:

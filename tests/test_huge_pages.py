@@ -1,0 +1,173 @@
+"""Staging buffers moved onto transparent huge pages while idle (pipeline/huge_pages.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from async_ckpt import CheckpointManager, CheckpointManagerOptions, native
+from async_ckpt.pipeline import huge_pages
+from async_ckpt.pipeline.huge_pages import HugePageTidier
+from async_ckpt.pipeline.snapshot import StagingPool
+
+HUGE = native.huge_page_size()
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping holding ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def _thp_works() -> bool:
+    if not HUGE:
+        return False
+    probe = torch.ones(4 * HUGE, dtype=torch.uint8)
+    return native.collapse_huge_pages(probe.numpy()) == "done"
+
+
+THP = pytest.mark.skipif(not _thp_works(), reason="this kernel does not collapse memory into huge pages "
+                                                    "(needs Linux 6.1+ with THP not set to 'never')")
+
+
+def test_collapse_keeps_the_bytes() -> None:
+    buf = torch.arange(8 << 20, dtype=torch.int32).view(torch.uint8)
+    before = buf.clone()
+    assert native.collapse_huge_pages(buf.numpy()) in ("done", "retry", "unsupported")
+    assert torch.equal(buf, before)
+
+
+def test_collapse_refuses_a_read_only_buffer() -> None:
+    with pytest.raises(Exception, match="writable|read-only|readonly"):
+        native.collapse_huge_pages(bytes(1 << 20))
+
+
+@THP
+def test_collapse_moves_the_range_onto_huge_pages() -> None:
+    buf = torch.ones(16 * HUGE, dtype=torch.uint8)
+    assert native.collapse_huge_pages(buf.numpy()) == "done"
+    assert _anon_huge_kib(buf.data_ptr()) * 1024 >= 14 * HUGE
+
+
+@THP
+def test_a_released_buffer_is_collapsed_up_to_the_bytes_used_only() -> None:
+    tidier = HugePageTidier()
+    pool = StagingPool(pin_memory=False, slack=1.0, tidier=tidier)     # as much headroom as used
+    used = 24 * HUGE
+    buf = pool.acquire(used)
+    buf[:used].fill_(3)
+    pool.release(buf)
+    assert tidier.wait_idle(60)
+    # Whole huge pages inside the used bytes, none in the headroom (never touched, stays unpopulated).
+    assert used - 2 * HUGE <= tidier.collapsed_bytes <= used
+    assert _anon_huge_kib(buf.data_ptr()) * 1024 <= used
+    assert bool((buf[:used] == 3).all())
+    again = pool.acquire(used)
+    assert again.data_ptr() == buf.data_ptr() and pool.allocations == 1
+    tidier.close()
+
+
+class _BlockingCollapse:
+    """Stands in for native.collapse_huge_pages: each call waits for ``go``."""
+
+    def __init__(self, result: str = "done") -> None:
+        self.result = result
+        self.calls = 0
+        self.started = threading.Event()
+        self.go = threading.Event()
+
+    def __call__(self, buffer) -> str:
+        self.calls += 1
+        self.started.set()
+        assert self.go.wait(30)
+        return self.result
+
+
+@pytest.fixture
+def fake_thp(monkeypatch):
+    fake = _BlockingCollapse()
+    monkeypatch.setattr(huge_pages.native, "huge_page_size", lambda: 2 << 20)
+    monkeypatch.setattr(huge_pages.native, "collapse_huge_pages", fake)
+    return fake
+
+
+def test_a_save_taking_the_buffer_waits_for_the_piece_in_progress_only(fake_thp) -> None:
+    tidier = HugePageTidier()
+    pool = StagingPool(pin_memory=False, tidier=tidier)
+    buf = pool.acquire(4 * huge_pages.PIECE)           # four pieces to collapse
+    pool.release(buf)
+    assert fake_thp.started.wait(30)
+    got: list = []
+    taker = threading.Thread(target=lambda: got.append(pool.acquire(1 << 20)))
+    taker.start()
+    taker.join(0.3)
+    assert taker.is_alive() and not got                # the piece in progress finishes first
+    fake_thp.go.set()
+    taker.join(30)
+    assert got and got[0].data_ptr() == buf.data_ptr()
+    assert tidier.wait_idle(30)
+    assert fake_thp.calls == 1                         # the other three were dropped with the claim
+    tidier.close()
+
+
+def test_a_kernel_that_cannot_collapse_turns_the_tidier_off(fake_thp) -> None:
+    fake_thp.result = "unsupported"
+    fake_thp.go.set()
+    tidier = HugePageTidier()
+    pool = StagingPool(pin_memory=False, tidier=tidier)
+    buf = pool.acquire(4 * huge_pages.PIECE)
+    pool.release(buf)
+    assert tidier.wait_idle(30)
+    assert fake_thp.calls == 1 and not tidier.enabled
+    pool.release(pool.acquire(1 << 20))
+    assert fake_thp.calls == 1
+    tidier.close()
+
+
+def test_freeing_a_buffer_mid_collapse_waits_and_forgets_it(fake_thp) -> None:
+    tidier = HugePageTidier()
+    pool = StagingPool(pin_memory=False, tidier=tidier)
+    pool.release(pool.acquire(4 * huge_pages.PIECE))
+    assert fake_thp.started.wait(30)
+    threading.Timer(0.2, fake_thp.go.set).start()
+    pool.clear()                                       # waits for the piece, then drops the buffer
+    assert tidier.wait_idle(30) and fake_thp.calls == 1 and not tidier._done
+    tidier.close()
+
+
+def test_a_collapse_error_never_reaches_a_save(monkeypatch) -> None:
+    def boom(buffer) -> str:
+        raise OSError("madvise went wrong")
+    monkeypatch.setattr(huge_pages.native, "huge_page_size", lambda: 2 << 20)
+    monkeypatch.setattr(huge_pages.native, "collapse_huge_pages", boom)
+    tidier = HugePageTidier()
+    pool = StagingPool(pin_memory=False, tidier=tidier)
+    pool.release(pool.acquire(2 * huge_pages.PIECE))
+    assert tidier.wait_idle(30) and not tidier.enabled
+
+
+def test_saves_from_a_collapsed_buffer_restore_exactly(tmp_path) -> None:
+    state = {"w": torch.randn(3 << 20), "b": torch.randn(1000)}
+    opts = CheckpointManagerOptions(handle_sigterm=False, max_to_keep=None)
+    with CheckpointManager(tmp_path, options=opts) as mgr:
+        mgr.save(1, state)
+        assert mgr._tidier.wait_idle(60)
+        if _thp_works():
+            assert mgr._tidier.collapsed_bytes > 0
+        state["w"].add_(1)
+        mgr.save_async(2, state).result()
+        expected = {k: v.clone() for k, v in state.items()}
+        for v in state.values():
+            v.zero_()
+        assert mgr.restore(state, step=2) == 2
+    assert all(torch.equal(state[k], expected[k]) for k in state)
