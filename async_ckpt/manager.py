@@ -683,6 +683,6 @@ class CheckpointManager:
             try:
                 yield buffer[:nbytes]
             finally:
-                self._pool.release(buffer)
+                self._pool.release(buffer, tidy=False)
         finally:
             self._slots.release()

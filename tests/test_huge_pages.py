@@ -171,3 +171,17 @@ def test_saves_from_a_collapsed_buffer_restore_exactly(tmp_path) -> None:
             v.zero_()
         assert mgr.restore(state, step=2) == 2
     assert all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def test_a_restore_scratch_buffer_is_not_tidied(tmp_path, fake_thp) -> None:
+    fake_thp.go.set()
+    state = {"w": torch.randn(1 << 20)}
+    opts = CheckpointManagerOptions(handle_sigterm=False)
+    with CheckpointManager(tmp_path, options=opts) as writer:
+        writer.save(1, state)
+        assert writer._tidier.wait_idle(30) and fake_thp.calls > 0    # a save's buffer is tidied
+    calls = fake_thp.calls
+    with CheckpointManager(tmp_path, options=opts) as reader:   # a resumed run: a new manager
+        assert reader.restore(state) == 1
+        assert reader._pool.allocations == 1                   # the restore's scratch buffer
+        assert reader._tidier.wait_idle(30) and fake_thp.calls == calls

@@ -118,11 +118,13 @@ class StagingPool:
             self._pinned.discard(buf.data_ptr())
             self.pinned_bytes -= buf.numel()
 
-    def release(self, buf: torch.Tensor) -> None:
+    def release(self, buf: torch.Tensor, tidy: bool = True) -> None:
+        """Give ``buf`` back; ``tidy=False`` keeps it off the huge-page tidier for now (a
+        restore's scratch: the tidying would compete with the training that follows it)."""
         with self._lock:
             self._free.append(buf)
             # Offered under the lock: a save that takes the buffer right after claims it back.
-            if self._tidier is not None and buf.data_ptr() not in self._pinned:
+            if tidy and self._tidier is not None and buf.data_ptr() not in self._pinned:
                 self._tidier.offer(buf, self._used.get(buf.data_ptr(), 0))
 
     def clear(self) -> None:
