@@ -3,6 +3,7 @@ its output must stay byte-identical to one json.dumps of the whole document."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from enum import IntFlag as _IntFlag
 
@@ -40,6 +41,15 @@ def test_to_bytes_is_one_json_document_for_every_kind_of_entry():
     data = manifest.to_bytes()
     assert data == _plain(manifest)
     assert M.parse_manifest_bytes(data) == manifest
+
+
+def test_the_sealed_file_digest_is_the_sha256_of_the_bytes_written():
+    arrays = (ArrayEntry("torch.float32", (4, 4), 64, ((0, 0, 64),)),)
+    manifest = M.merge_ranks(2, [_result(0, arrays), _result(1, arrays)], writer="w", created_unix=1.5,
+                             metrics={}, extra={})
+    data, digest = manifest.to_sealed()
+    assert data == manifest.to_bytes() and M.seal_state(data) is True
+    assert digest == hashlib.sha256(data).hexdigest() == M.manifest_digest(data)
 
 
 def test_the_arrays_text_is_reused_only_for_the_same_entries():

@@ -153,7 +153,11 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        """The manifest file: compact JSON, sealed with its own digest (``self_sha256``).
+        """The manifest file: compact JSON, sealed with its own digest (``self_sha256``)."""
+        return self.to_sealed()[0]
+
+    def to_sealed(self) -> tuple[bytes, str]:
+        """:meth:`to_bytes`, and the SHA-256 of those bytes (what the commit marker binds).
 
         The same text as ``json.dumps(self.to_json())``, written in pieces so that each
         rank's tree and arrays list come from :data:`_JSON_TEXTS`: a run saving the same
@@ -633,17 +637,24 @@ def seal(content: bytes) -> bytes:
     SHA-256 of ``content``, appended as the object's last member (FORMAT.md section 2.3)."""
     if not (content.startswith(b"{") and content.endswith(b"}")) or content == b"{}":
         raise ValueError("seal() takes a non-empty compact JSON object")
-    return _seal_pieces([content])
+    return _seal_pieces([content])[0]
 
 
-def _seal_pieces(pieces: list[bytes]) -> bytes:
+def _seal_pieces(pieces: list[bytes]) -> tuple[bytes, str]:
     """seal() of the concatenation of ``pieces``, hashed piece by piece and joined once (a
-    manifest of 20,000 arrays is a few MB)."""
-    digest = hashlib.sha256()
-    for piece in pieces:
-        digest.update(piece)
-    pieces[-1] = pieces[-1][:-1] + b',"self_sha256":"' + digest.hexdigest().encode() + b'"}'
-    return b"".join(pieces)
+    manifest of 20,000 arrays is a few MB), and the SHA-256 of the sealed file. Both digests
+    share one pass over the content: they differ only after its closing brace."""
+    content = hashlib.sha256()
+    for piece in pieces[:-1]:
+        content.update(piece)
+    body = pieces[-1][:-1]
+    content.update(body)
+    whole = content.copy()
+    content.update(b"}")
+    tail = b',"self_sha256":"' + content.hexdigest().encode() + b'"}'
+    whole.update(tail)
+    pieces[-1] = body + tail
+    return b"".join(pieces), whole.hexdigest()
 
 
 def seal_state(data: bytes) -> Optional[bool]:

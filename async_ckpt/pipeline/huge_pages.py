@@ -11,27 +11,34 @@ buffer, 1.11 once it was collapsed. The snapshot copy into the buffer did not ch
 Huge pages are not asked for at allocation (``MADV_HUGEPAGE`` before the first copy): the
 kernel then compacts memory inside that first copy, the save's stall, and a 512 MiB buffer's
 first copy took 43 to 611 ms against 120 ms on small pages. So buffers start on small pages,
-and once a save has given one back, this thread collapses it (``MADV_COLLAPSE``, Linux 6.1+)
-a piece at a time while nobody uses it: 72-286 ms of one core per 256-512 MiB, once per buffer.
-Only the bytes saves have used are collapsed, so the pool's headroom stays unpopulated.
+and once a save has given one back and it has stayed idle for ``QUIET`` seconds, this thread
+collapses it (``MADV_COLLAPSE``, Linux 6.1+) a piece at a time, once per buffer. That costs
+one core 0.3-2.5 s per GiB here (the kernel compacts memory to find free huge pages), and
+while it ran between back-to-back saves of 1 GiB their stall went from 69 to 128 ms: hence
+the quiet period, which back-to-back saves never leave, and a save that takes the buffer
+stops the collapse after the piece in progress, without waiting for it (the collapse keeps
+the bytes and their addresses; a page being written waits only for its own 2 MiB). Only the
+bytes saves have used are collapsed, so the pool's headroom stays unpopulated.
 
-Threads: ``StagingPool.release`` (the commit thread, or the restoring thread) calls
-:meth:`HugePageTidier.offer`; ``StagingPool.acquire`` (the training thread) calls
-:meth:`~HugePageTidier.claim`, which waits at most for the piece in progress; the tidier's
-own thread makes the madvise calls. Best effort throughout: a kernel that cannot do it
-turns the tidier off, and a piece that fails once is left on small pages.
+Threads: ``StagingPool.release`` (the commit thread) calls :meth:`HugePageTidier.offer`;
+``StagingPool.acquire`` (the training thread) calls :meth:`~HugePageTidier.claim`; the
+tidier's own thread makes the madvise calls. Best effort throughout: a kernel that cannot
+do it turns the tidier off, and a piece that fails once is left on small pages.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable, Optional
 
 import torch
 
 from .. import native
 
-PIECE = 32 << 20   # bytes per madvise call: the most a claim can wait for (about 10-40 ms)
+PIECE = 8 << 20    # bytes per madvise call: how far a collapse runs on after a save took the buffer
+QUIET = 0.5        # seconds a released buffer stays untouched before its collapse starts
+_FORGOTTEN = -1    # _busy when the buffer of the piece in progress was freed meanwhile
 
 
 class HugePageTidier:
@@ -41,7 +48,7 @@ class HugePageTidier:
         self._on_thread_start = on_thread_start
         self._huge = native.huge_page_size()
         self._cond = threading.Condition()
-        self._queue: list[tuple[torch.Tensor, int]] = []   # (buffer, bytes to cover), oldest first
+        self._queue: list[tuple[torch.Tensor, int, float]] = []   # (buffer, bytes to cover, start after)
         self._done: dict[int, int] = {}      # data_ptr → buffer offset up to which pieces were tried
         self._busy: Optional[int] = None     # data_ptr of the buffer a piece is being collapsed in
         self._thread: Optional[threading.Thread] = None
@@ -60,30 +67,32 @@ class HugePageTidier:
         with self._cond:
             if self._done.get(ptr, 0) >= self._last_boundary(buffer, used):
                 return
-            self._queue.append((buffer, used))
+            self._queue.append((buffer, used, time.monotonic() + QUIET))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="async_ckpt-huge-pages", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
 
     def claim(self, buffer: torch.Tensor) -> None:
-        """``buffer`` is about to be used: drop it from the queue, wait for its piece in progress."""
+        """``buffer`` is about to be used: no further pieces of it (one may still be running)."""
         ptr = buffer.data_ptr()
         with self._cond:
             self._queue = [q for q in self._queue if q[0].data_ptr() != ptr]
-            while self._busy == ptr and self._thread is not None and self._thread.is_alive():
-                self._cond.wait()
 
     def forget(self, buffer: torch.Tensor) -> None:
-        """``buffer`` is being freed; a later buffer may get its address."""
-        self.claim(buffer)
+        """``buffer`` is being freed; a later buffer may get its address. A piece still running
+        on it is harmless: unmapping waits for the madvise call to return."""
         with self._cond:
+            self.claim(buffer)
             self._done.pop(buffer.data_ptr(), None)
+            if self._busy == buffer.data_ptr():
+                self._busy = _FORGOTTEN        # the piece's outcome is not recorded
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Block until nothing is queued or in progress (tests, benchmarks); False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and self._busy is None, timeout)
+            return self._cond.wait_for(lambda: (not self._queue and self._busy is None)
+                                       or self._thread is None or not self._thread.is_alive(), timeout)
 
     def close(self) -> None:
         with self._cond:
@@ -108,12 +117,17 @@ class HugePageTidier:
                     self._cond.wait()
                 if self._closed:
                     return
-                buffer, used = self._queue[0]
+                buffer, used, after = self._queue[0]
+                wait = after - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)      # wakes early on claims and offers: look again
+                    continue
                 ptr = buffer.data_ptr()
                 start = max(self._done.get(ptr, 0), self._first_boundary(buffer))
                 last = self._last_boundary(buffer, used)
                 if start >= last:
                     self._queue.pop(0)
+                    self._cond.notify_all()    # wait_idle may be waiting for exactly this
                     continue
                 self._busy = ptr
             # Piece ends on a huge-page boundary of the address space, so no page straddles two calls.
@@ -123,11 +137,11 @@ class HugePageTidier:
             except Exception:       # noqa: BLE001 - best effort: never let tidying fail a save
                 result = "unsupported"
             with self._cond:
-                self._busy = None
+                forgotten, self._busy = self._busy != ptr, None
                 if result == "unsupported":
                     self._closed = True
                     self._queue.clear()
-                else:
+                elif not forgotten:
                     self._done[ptr] = end
                     if result == "done":
                         self.collapsed_bytes += end - start

@@ -147,10 +147,9 @@ class CommitPolicy(abc.ABC):
     def publish(self, location: str, step: int, manifest: Manifest, fault: Fault = _no_fault) -> str:
         """Write the manifest, then the marker, and make the step visible; return its final
         location. Every rank's data must already be durable in ``location``."""
-        data = manifest.to_bytes()
+        data, digest = manifest.to_sealed()
         self.storage.put(location, names.MANIFEST_NAME, data)
         fault("after_manifest")
-        digest = manifest_digest(data)
         self.storage.put(location, names.COMMIT_NAME, commit_marker_bytes(step, data, digest))
         fault("after_marker")
         final = self._make_visible(location, step, fault)
