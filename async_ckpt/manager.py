@@ -9,6 +9,9 @@ Threads:
   order) writes chunks through the storage backend (native threads, GIL released),
   writes the manifest, commits, and rotates.
 - ``restore``/``load``/listing run on the caller's thread.
+- One **huge-page thread** (:mod:`async_ckpt.pipeline.huge_pages`, niced like the writer)
+  moves a staging buffer onto transparent huge pages once it has been idle for a while
+  after a save; a save that takes the buffer again stops it.
 
 What it composes: a storage backend (:mod:`async_ckpt.storage`, chosen by the directory:
 a local path or a URL), the commit policy that backend supports, the save pipeline
@@ -170,7 +173,7 @@ class CheckpointManager:
             # One lock per root, held by the coordinator: ranks on one node never refuse each other.
             self._release_lock_fn = self._take_lock()
         self._tidier = HugePageTidier(lambda: _lower_priority(o.writer_nice))
-        self._pool = StagingPool(pinned_limit=o.max_pinned_bytes, tidier=self._tidier)
+        self._pool = StagingPool(pinned_limit=o.max_pinned_bytes, tidier=self._tidier if o.huge_pages else None)
         self._slots = threading.BoundedSemaphore(o.max_inflight_saves)
         self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-commit",
                                                initializer=_lower_priority, initargs=(o.writer_nice,))

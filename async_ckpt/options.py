@@ -8,6 +8,7 @@ can tune a job without editing code:
 ``ASYNC_CKPT_COMPRESSION``     ``compression`` (``none``, ``zstd``, ``auto``)
 ``ASYNC_CKPT_CHUNK_MB``        ``chunk_bytes`` in MiB
 ``ASYNC_CKPT_WRITER_NICE``     ``writer_nice``
+``ASYNC_CKPT_HUGE_PAGES``      ``huge_pages`` (``0`` or ``1``)
 =============================  ==========================
 
 Process-wide switches, read at each save rather than stored here: ``ASYNC_CKPT_DEVICE_CRC``
@@ -33,6 +34,17 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value == "":
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={value!r} is not 0/1 (or true/false)")
 
 
 def ranks_per_node() -> int:
@@ -86,6 +98,11 @@ class CheckpointManagerOptions:
     native writer's) run this much nicer than the thread that made the manager (Linux
     thread niceness, best effort; 0 leaves them alone), so the snapshot copy and training
     keep their cores while a save streams to disk. They still take every idle cycle.
+    ``huge_pages``: once a save's staging buffer has been idle for half a second, a niced
+    thread moves it onto transparent huge pages (Linux 6.1+ ``MADV_COLLAPSE``; elsewhere
+    nothing happens), once per buffer: later saves then reach the disk in larger requests
+    (docs/PERFORMANCE.md). It costs that thread about 0.3-2.5 s per GiB, once; ``False``
+    leaves the buffers on the pages they were given.
 
     Several ranks (torch.distributed initialised, or ``process_group=`` given to the manager):
     ``collective_timeout_s`` bounds every collective of the manager's own gloo group, so a
@@ -113,6 +130,7 @@ class CheckpointManagerOptions:
     max_pinned_bytes: Optional[int] = None
     collective_timeout_s: float = 120.0
     writer_nice: int = field(default_factory=lambda: _env_int("ASYNC_CKPT_WRITER_NICE", 10))
+    huge_pages: bool = field(default_factory=lambda: _env_bool("ASYNC_CKPT_HUGE_PAGES", True))
 
     def __post_init__(self) -> None:
         if not 0 < self.collective_timeout_s <= 24 * 3600:

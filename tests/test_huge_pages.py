@@ -216,3 +216,23 @@ def test_a_restore_scratch_buffer_is_not_tidied(tmp_path, fake_thp) -> None:
         assert reader.restore(state) == 1
         assert reader._pool.allocations == 1                   # the restore's scratch buffer
         assert reader._tidier.wait_idle(30) and fake_thp.calls == calls
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_huge_pages_can_be_turned_off(tmp_path, fake_thp, monkeypatch, how) -> None:
+    fake_thp.go.set()
+    if how == "environment":
+        monkeypatch.setenv("ASYNC_CKPT_HUGE_PAGES", "0")
+        opts = CheckpointManagerOptions(handle_sigterm=False)
+    else:
+        opts = CheckpointManagerOptions(handle_sigterm=False, huge_pages=False)
+    assert opts.huge_pages is False
+    with CheckpointManager(tmp_path, options=opts) as mgr:
+        mgr.save(1, {"w": torch.randn(1 << 20)})
+        assert mgr._tidier.wait_idle(30) and fake_thp.calls == 0
+
+
+def test_a_bad_huge_pages_environment_value_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("ASYNC_CKPT_HUGE_PAGES", "maybe")
+    with pytest.raises(ValueError, match="ASYNC_CKPT_HUGE_PAGES"):
+        CheckpointManagerOptions()
