@@ -36,7 +36,9 @@ import torch
 
 from .. import native
 
-PIECE = 8 << 20    # bytes per madvise call: how far a collapse runs on after a save took the buffer
+# Bytes per madvise call (rounded up to whole huge pages): how far a collapse runs on after a
+# save took its buffer back.
+PIECE = 8 << 20
 QUIET = 0.5        # seconds a released buffer stays untouched before its collapse starts
 _FORGOTTEN = -1    # _busy when the buffer of the piece in progress was freed meanwhile
 
@@ -78,6 +80,7 @@ class HugePageTidier:
         ptr = buffer.data_ptr()
         with self._cond:
             self._queue = [q for q in self._queue if q[0].data_ptr() != ptr]
+            self._cond.notify_all()            # wait_idle may be waiting for an empty queue
 
     def forget(self, buffer: torch.Tensor) -> None:
         """``buffer`` is being freed; a later buffer may get its address. A piece still running
@@ -111,7 +114,10 @@ class HugePageTidier:
 
     def _run(self) -> None:
         self._on_thread_start()
+        # Pieces hold whole huge pages whatever their size (2 MiB on x86-64, up to 512 MiB on arm64).
+        step = -(-PIECE // self._huge) * self._huge
         while True:
+            buffer = None      # no reference while waiting: a freed buffer's memory goes at once
             with self._cond:
                 while not self._queue and not self._closed:
                     self._cond.wait()
@@ -120,7 +126,7 @@ class HugePageTidier:
                 buffer, used, after = self._queue[0]
                 wait = after - time.monotonic()
                 if wait > 0:
-                    self._cond.wait(wait)      # wakes early on claims and offers: look again
+                    self._cond.wait(wait)      # claims and offers wake it early: look again
                     continue
                 ptr = buffer.data_ptr()
                 start = max(self._done.get(ptr, 0), self._first_boundary(buffer))
@@ -131,7 +137,7 @@ class HugePageTidier:
                     continue
                 self._busy = ptr
             # Piece ends on a huge-page boundary of the address space, so no page straddles two calls.
-            end = min(last, start + PIECE)
+            end = min(last, start + step)
             try:
                 result = native.collapse_huge_pages(buffer[start:end].numpy())
             except Exception:       # noqa: BLE001 - best effort: never let tidying fail a save

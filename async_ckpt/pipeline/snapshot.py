@@ -71,11 +71,9 @@ class StagingPool:
             if buf is not None:
                 self._free.remove(buf)
                 self._used[buf.data_ptr()] = max(self._used.get(buf.data_ptr(), 0), nbytes)
-        if buf is not None:
-            if self._tidier is not None:
-                self._tidier.claim(buf)
-            return buf
-        with self._lock:
+                if self._tidier is not None:
+                    self._tidier.claim(buf)
+                return buf
             if self._free:
                 # Too small for this state: drop the largest so memory stays bounded.
                 self._forget(max(self._free, key=lambda b: b.numel()))
