@@ -9,9 +9,9 @@ Threads:
   order) writes chunks through the storage backend (native threads, GIL released),
   writes the manifest, commits, and rotates.
 - ``restore``/``load``/listing run on the caller's thread.
-- One **huge-page thread** (:mod:`async_ckpt.pipeline.huge_pages`, niced like the writer)
-  moves a staging buffer onto transparent huge pages once it has been idle for a while
-  after a save; a save that takes the buffer again stops it.
+- With ``huge_pages=True``, one **huge-page thread** (:mod:`async_ckpt.pipeline.huge_pages`,
+  niced like the writer) moves a staging buffer onto transparent huge pages once it has
+  been idle for a while after a save; a save that takes the buffer again stops it.
 
 What it composes: a storage backend (:mod:`async_ckpt.storage`, chosen by the directory:
 a local path or a URL), the commit policy that backend supports, the save pipeline

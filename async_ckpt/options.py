@@ -98,11 +98,13 @@ class CheckpointManagerOptions:
     native writer's) run this much nicer than the thread that made the manager (Linux
     thread niceness, best effort; 0 leaves them alone), so the snapshot copy and training
     keep their cores while a save streams to disk. They still take every idle cycle.
-    ``huge_pages``: once a save's staging buffer has been idle for half a second, a niced
-    thread moves it onto transparent huge pages (Linux 6.1+ ``MADV_COLLAPSE``; elsewhere
-    nothing happens), once per buffer: later saves then reach the disk in larger requests
-    (docs/PERFORMANCE.md). It costs that thread about 0.3-2.5 s per GiB, once; ``False``
-    leaves the buffers on the pages they were given.
+    ``huge_pages`` (off by default): once a save's staging buffer has been idle for half a
+    second, a niced thread moves it onto transparent huge pages (Linux 6.1+
+    ``MADV_COLLAPSE``; elsewhere nothing happens), once per buffer, so later saves reach the
+    disk in larger requests. It costs that thread about 0.3-2.5 s per GiB, once. Measured
+    on the dev VM it shortened the commit of a transformer + AdamW state by 8-10 %, but in
+    the IO benchmark's 1 GiB fp32 state it lengthened the stall (docs/PERFORMANCE.md), so
+    it is opt-in.
 
     Several ranks (torch.distributed initialised, or ``process_group=`` given to the manager):
     ``collective_timeout_s`` bounds every collective of the manager's own gloo group, so a
@@ -130,7 +132,7 @@ class CheckpointManagerOptions:
     max_pinned_bytes: Optional[int] = None
     collective_timeout_s: float = 120.0
     writer_nice: int = field(default_factory=lambda: _env_int("ASYNC_CKPT_WRITER_NICE", 10))
-    huge_pages: bool = field(default_factory=lambda: _env_bool("ASYNC_CKPT_HUGE_PAGES", True))
+    huge_pages: bool = field(default_factory=lambda: _env_bool("ASYNC_CKPT_HUGE_PAGES", False))
 
     def __post_init__(self) -> None:
         if not 0 < self.collective_timeout_s <= 24 * 3600:

@@ -195,7 +195,7 @@ def test_a_collapse_error_never_reaches_a_save(monkeypatch) -> None:
 
 def test_saves_from_a_collapsed_buffer_restore_exactly(tmp_path) -> None:
     state = {"w": torch.randn(3 << 20), "b": torch.randn(1000)}
-    opts = CheckpointManagerOptions(handle_sigterm=False, max_to_keep=None)
+    opts = CheckpointManagerOptions(handle_sigterm=False, max_to_keep=None, huge_pages=True)
     with CheckpointManager(tmp_path, options=opts) as mgr:
         mgr.save(1, state)
         assert mgr._tidier.wait_idle(60)
@@ -213,7 +213,7 @@ def test_saves_from_a_collapsed_buffer_restore_exactly(tmp_path) -> None:
 def test_a_restore_scratch_buffer_is_not_tidied(tmp_path, fake_thp) -> None:
     fake_thp.go.set()
     state = {"w": torch.randn(1 << 20)}
-    opts = CheckpointManagerOptions(handle_sigterm=False)
+    opts = CheckpointManagerOptions(handle_sigterm=False, huge_pages=True)
     with CheckpointManager(tmp_path, options=opts) as writer:
         writer.save(1, state)
         assert writer._tidier.wait_idle(30) and fake_thp.calls > 0    # a save's buffer is tidied
@@ -224,14 +224,23 @@ def test_a_restore_scratch_buffer_is_not_tidied(tmp_path, fake_thp) -> None:
         assert reader._tidier.wait_idle(30) and fake_thp.calls == calls
 
 
-@pytest.mark.parametrize("how", ["option", "environment"])
-def test_huge_pages_can_be_turned_off(tmp_path, fake_thp, monkeypatch, how) -> None:
+def test_huge_pages_are_opt_in_by_option_or_environment(monkeypatch) -> None:
+    assert CheckpointManagerOptions().huge_pages is False
+    monkeypatch.setenv("ASYNC_CKPT_HUGE_PAGES", "1")
+    assert CheckpointManagerOptions().huge_pages is True
+    assert CheckpointManagerOptions(huge_pages=False).huge_pages is False   # arguments win
+
+
+@pytest.mark.parametrize("how", ["default", "option", "environment"])
+def test_huge_pages_off_collapse_nothing(tmp_path, fake_thp, monkeypatch, how) -> None:
     fake_thp.go.set()
     if how == "environment":
         monkeypatch.setenv("ASYNC_CKPT_HUGE_PAGES", "0")
         opts = CheckpointManagerOptions(handle_sigterm=False)
-    else:
+    elif how == "option":
         opts = CheckpointManagerOptions(handle_sigterm=False, huge_pages=False)
+    else:
+        opts = CheckpointManagerOptions(handle_sigterm=False)
     assert opts.huge_pages is False
     with CheckpointManager(tmp_path, options=opts) as mgr:
         mgr.save(1, {"w": torch.randn(1 << 20)})
