@@ -4,9 +4,11 @@ Why: the native writer's O_DIRECT writes go straight from the staging buffer to 
 and one block request carries a bounded number of memory segments (254 on the dev VM's virtio
 disk). From scattered 4 KiB pages a request holds about 1 MiB; from 2 MiB pages it reaches the
 queue's 4 MiB limit. Measured on the 2-core dev VM (``save_async`` to committed over a raw
-O_DIRECT write of the same bytes from a 4 KiB-page buffer, transformer + AdamW, 253 MiB,
-median of 8 per process, 4 alternating processes each): 0.70 from a 4 KiB-page staging
-buffer, 1.11 once it was collapsed. The snapshot copy into the buffer did not change.
+O_DIRECT write of the same bytes in the same process, transformer + AdamW, 253 MiB, median
+of 8 per process, 3 alternating processes each): 0.66-0.72 from a 4 KiB-page staging
+buffer, 0.75-0.81 once it was collapsed. Inside the IO benchmark, though, the 1 GiB fp32
+state's stall was longer with it (docs/PERFORMANCE.md), so the manager uses it only with
+``huge_pages=True``.
 
 Huge pages are not asked for at allocation (``MADV_HUGEPAGE`` before the first copy): the
 kernel then compacts memory inside that first copy, the save's stall, and a 512 MiB buffer's

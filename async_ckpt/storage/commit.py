@@ -345,9 +345,9 @@ class RenameCommit(CommitPolicy):
         self.storage.remove(hidden)
 
     def replace(self, location: str, step: int, manifest: Manifest, set_aside: str) -> str:
-        data = manifest.to_bytes()
+        data, digest = manifest.to_sealed()
         self.storage.put(location, names.MANIFEST_NAME, data)
-        self.storage.put(location, names.COMMIT_NAME, commit_marker_bytes(step, data))
+        self.storage.put(location, names.COMMIT_NAME, commit_marker_bytes(step, data, digest))
         self.storage.sync(location)
         final = self.where(names.step_dir_name(step))
         self.storage.move(final, set_aside)
