@@ -94,6 +94,13 @@ def stage(dst: _Buffer, srcs: _Buffer, offsets: _Buffer, lengths: _Buffer,
     and opens the gate behind it, the chunks past the front open when all are done. GIL
     released."""
 
+def copy_all(srcs: _Buffer, dsts: _Buffer, lengths: _Buffer, threads: int = 1) -> None:
+    """Copy len(srcs) byte ranges: srcs and dsts are raw host addresses (uint64) the caller
+    keeps alive and has checked, lengths uint64. ``threads`` > 1 shares the bytes (at least
+    8 MiB each) with helper threads, unless two destinations overlap: then the copies run
+    in order on the calling thread. FormatError on a null address with a length, before any
+    byte is copied. GIL released."""
+
 class StageQueue:
     """A thread of its own that copies queued batches of regions (as for :func:`stage`, in
     any order, no gate) while the caller goes on. ``submit`` checks every region against dst

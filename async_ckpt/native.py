@@ -18,14 +18,14 @@ from typing import List, Optional
 
 from . import _native
 from ._native import (CODEC_AUTO, CODEC_RAW, CODEC_ZSTD, MAX_RAW_LENGTH, ChunkRecord, Gate, Reader,
-                      ReadJob, StageQueue, WriteJob, Writer, collapse_huge_pages, crc32c, crc32c_hardware,
+                      ReadJob, StageQueue, WriteJob, Writer, collapse_huge_pages, copy_all, crc32c, crc32c_hardware,
                       fsync_dir, fsync_file, huge_page_size,
                       shuffle, stage, unshuffle, write_file_durable, zstd_backend, zstd_compress,
                       zstd_decompress, zstd_load)
 
 __all__ = [
     "CODEC_AUTO", "CODEC_RAW", "CODEC_ZSTD", "MAX_RAW_LENGTH", "ChunkRecord", "Reader", "ReadJob",
-    "Gate", "StageQueue", "WriteJob", "Writer", "collapse_huge_pages", "crc32c", "crc32c_hardware",
+    "Gate", "StageQueue", "WriteJob", "Writer", "collapse_huge_pages", "copy_all", "crc32c", "crc32c_hardware",
     "fsync_dir", "fsync_file", "huge_page_size", "shuffle",
     "stage", "unshuffle", "write_file_durable", "zstd_backend", "zstd_compress", "zstd_decompress",
     "zstd_load", "zstd_fallback_paths", "ZSTD_ERROR",

@@ -313,6 +313,25 @@ PYBIND11_MODULE(_native, m) {
       py::arg("chunk_ends") = std::vector<uint64_t>(), py::arg("gate") = py::none(),
       py::arg("floor") = UINT64_MAX, py::arg("threads") = 1);
 
+  m.def(
+      "copy_all",
+      [](const U64Array& srcs, const U64Array& dsts, const U64Array& lengths, int threads) {
+        if (threads < 1 || threads > 64) raise_format("copy_all: threads must be in [1, 64]");
+        const py::ssize_t n = srcs.size();
+        if (dsts.size() != n || lengths.size() != n)
+          raise_format("copy_all: srcs, dsts and lengths must have the same length");
+        std::vector<Copy> copies(static_cast<size_t>(n));
+        const uint64_t* s = srcs.data();
+        const uint64_t* d = dsts.data();
+        const uint64_t* l = lengths.data();
+        for (py::ssize_t k = 0; k < n; ++k)
+          copies[k] = Copy{reinterpret_cast<const void*>(static_cast<uintptr_t>(s[k])),
+                           reinterpret_cast<void*>(static_cast<uintptr_t>(d[k])), l[k]};
+        py::gil_scoped_release nogil;
+        copy_all(copies, static_cast<unsigned>(threads));
+      },
+      py::arg("srcs"), py::arg("dsts"), py::arg("lengths"), py::arg("threads") = 1);
+
   py::class_<StageQueue>(m, "StageQueue")
       .def(py::init<>())
       .def(

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <utility>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -29,11 +31,111 @@ void check_regions(uint64_t dst_len, const std::vector<Region>& regions, bool so
   }
 }
 
+
+// Splits `pieces` (each with a `length`) into at most `threads` shares of about equal bytes,
+// each at least kMinShare; a piece that straddles two shares is cut with
+// `rest(piece, at)`, the piece from byte `at` on. Shares keep the pieces' order.
+template <class Piece, class Rest>
+std::vector<std::vector<Piece>> share_bytes(const std::vector<Piece>& pieces, unsigned threads, Rest rest) {
+  uint64_t total = 0;
+  for (const Piece& p : pieces) total += p.length;
+  const uint64_t most = std::max<uint64_t>(1, total / kMinShare);
+  const unsigned parts = static_cast<unsigned>(std::min<uint64_t>(std::max(1u, threads), most));
+  std::vector<std::vector<Piece>> share(parts);
+  const uint64_t each = total / parts;
+  unsigned s = 0;
+  uint64_t filled = 0;
+  for (const Piece& whole : pieces) {
+    Piece p = whole;
+    while (s + 1 < parts && p.length && filled + p.length > each) {
+      const uint64_t take = each - filled;
+      if (take) {
+        Piece head = p;
+        head.length = take;
+        share[s].push_back(head);
+      }
+      p = rest(p, take);
+      ++s;
+      filled = 0;
+    }
+    share[s].push_back(p);
+    filled += p.length;
+  }
+  return share;
+}
+
 void copy_regions(char* dst, const std::vector<Region>& regions) {
   for (const Region& r : regions)
     if (r.length) std::memcpy(dst + r.dst_offset, r.src, r.length);
 }
+// Copies shares 1.. of `share` on threads of their own from construction; finish() (or
+// the destructor) joins them and copies, on the calling thread, any share no thread could
+// be started for. Share 0 is the caller's.
+template <class Piece>
+class Helpers {
+ public:
+  template <class Fn>
+  Helpers(const std::vector<std::vector<Piece>>& share, Fn copy) : share_(share), copy_(copy) {
+    for (size_t h = 1; h < share.size(); ++h) {
+      try {
+        threads_.emplace_back(copy_, std::cref(share[h]));
+      } catch (const std::system_error&) {  // no thread to be had: copied in finish()
+        break;
+      }
+    }
+  }
+  ~Helpers() { finish(); }
+  Helpers(const Helpers&) = delete;
+  Helpers& operator=(const Helpers&) = delete;
+
+  void finish() {
+    if (done_) return;
+    done_ = true;
+    for (auto& t : threads_) t.join();
+    for (size_t h = 1 + threads_.size(); h < share_.size(); ++h) copy_(share_[h]);
+  }
+
+ private:
+  const std::vector<std::vector<Piece>>& share_;
+  std::function<void(const std::vector<Piece>&)> copy_;
+  std::vector<std::thread> threads_;
+  bool done_ = false;
+};
+
+template <class Piece, class Fn>
+Helpers(const std::vector<std::vector<Piece>>&, Fn) -> Helpers<Piece>;
+
+void copy_each(const std::vector<Copy>& copies) {
+  for (const Copy& c : copies)
+    if (c.length) std::memmove(c.dst, c.src, c.length);
+}
+
+// Whether no two copies write the same byte.
+bool disjoint_destinations(const std::vector<Copy>& copies) {
+  std::vector<std::pair<uintptr_t, uint64_t>> spans;
+  spans.reserve(copies.size());
+  for (const Copy& c : copies)
+    if (c.length) spans.emplace_back(reinterpret_cast<uintptr_t>(c.dst), c.length);
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k)
+    if (spans[k].first - spans[k - 1].first < spans[k - 1].second) return false;
+  return true;
+}
 }  // namespace
+
+void copy_all(const std::vector<Copy>& copies, unsigned threads) {
+  for (size_t k = 0; k < copies.size(); ++k)
+    if (copies[k].length && (!copies[k].src || !copies[k].dst))
+      throw FormatError("copy " + std::to_string(k) + ": null source or destination");
+  // Overlapping destinations are copied in order, so the last copy wins as in a loop.
+  if (threads > 1 && !disjoint_destinations(copies)) threads = 1;
+  const std::vector<std::vector<Copy>> share = share_bytes(copies, threads, [](const Copy& c, uint64_t at) {
+    return Copy{static_cast<const char*>(c.src) + at, static_cast<char*>(c.dst) + at, c.length - at};
+  });
+  Helpers helpers(share, copy_each);
+  copy_each(share[0]);
+  helpers.finish();
+}
 
 void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regions,
                    const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor,
@@ -41,35 +143,11 @@ void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regio
   check_regions(dst_len, regions, true);
   // Share the bytes among `threads` copiers (each at least kMinShare): the calling thread
   // copies the front and opens the gate behind it; helpers copy the rest in equal slices.
-  uint64_t total = 0;
-  for (const Region& r : regions) total += r.length;
-  const uint64_t most = std::max<uint64_t>(1, total / kMinShare);
-  const unsigned parts = static_cast<unsigned>(std::min<uint64_t>(std::max(1u, threads), most));
-  std::vector<std::vector<Region>> share(parts);
-  const uint64_t each = total / parts;
-  unsigned p = 0;
-  uint64_t filled = 0;
-  for (const Region& whole : regions) {
-    Region r = whole;
-    while (p + 1 < parts && r.length && filled + r.length > each) {
-      const uint64_t take = each - filled;
-      if (take) share[p].push_back(Region{r.src, r.dst_offset, take});
-      r = Region{static_cast<const char*>(r.src) + take, r.dst_offset + take, r.length - take};
-      ++p;
-      filled = 0;
-    }
-    share[p].push_back(r);
-    filled += r.length;
-  }
-  auto copy = [&](const std::vector<Region>& part) { copy_regions(dst, part); };
-  std::vector<std::thread> helpers;
-  for (unsigned h = 1; h < parts; ++h) {
-    try {
-      helpers.emplace_back(copy, std::cref(share[h]));
-    } catch (const std::system_error&) {  // no thread to be had: copy it here afterwards
-      break;
-    }
-  }
+  const std::vector<std::vector<Region>> share = share_bytes(regions, threads, [](const Region& r, uint64_t at) {
+    return Region{static_cast<const char*>(r.src) + at, r.dst_offset + at, r.length - at};
+  });
+  const unsigned parts = static_cast<unsigned>(share.size());
+  Helpers helpers(share, [dst](const std::vector<Region>& part) { copy_regions(dst, part); });
   const std::vector<Region>& front = share[0];
   const uint64_t front_end = parts > 1 && !share[1].empty() ? share[1].front().dst_offset : floor;
   size_t opened = 0;
@@ -85,8 +163,7 @@ void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regio
       opened = ready;
     }
   }
-  for (auto& t : helpers) t.join();
-  for (unsigned h = 1 + static_cast<unsigned>(helpers.size()); h < parts; ++h) copy(share[h]);
+  helpers.finish();
   if (gate && parts > 1) {
     const size_t ready = static_cast<size_t>(
         std::upper_bound(chunk_ends.begin(), chunk_ends.end(), floor) - chunk_ends.begin());

@@ -32,6 +32,20 @@ void stage_regions(char* dst, uint64_t dst_len, const std::vector<Region>& regio
                    const std::vector<uint64_t>& chunk_ends, Gate* gate, uint64_t floor,
                    unsigned threads = 1);
 
+// One copy between two places in host memory that the caller keeps alive.
+struct Copy {
+  const void* src = nullptr;
+  void* dst = nullptr;
+  uint64_t length = 0;
+};
+
+// Many copies at once: a restore's bytes from the chunks it read into the live tensors
+// they belong to. Called on the restoring thread with the GIL released. With threads > 1
+// (and at least 8 MiB per thread) helper threads share the bytes, unless two copies write
+// the same bytes: then they run in order on this thread, so the later one wins as it would
+// in a loop. FormatError, before any byte is copied, on a null pointer with a length.
+void copy_all(const std::vector<Copy>& copies, unsigned threads = 1);
+
 // Copies made by a thread of its own while the caller goes on (the snapshot's early copy,
 // queued by the training thread while it is still encoding the state). submit() checks a
 // batch of regions against [0, dst_len) (FormatError, nothing queued) and queues it;

@@ -10,14 +10,16 @@ decodes into them; it knows nothing of steps or save policy.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import (Any, Callable, Collection, ContextManager, Iterable, Iterator, Mapping, NamedTuple, Optional,
+                    Sequence)
 
 import numpy as np
 import torch
 
-from .. import rng
+from .. import native, rng
 from ..errors import RestoreError
 from ..format.dtypes import parse_array_dtype
 from ..format.manifest import Manifest
@@ -32,6 +34,12 @@ RNG_ITEM = "rng"
 # such as DTensor take the general path).
 _PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 _ARRAY_TAGS = frozenset({"tensor", "ndarray"})
+
+
+class ChunkBytes(NamedTuple):
+    """Where an array's bytes are once its shared chunk is read: ``buffer[offset:]``."""
+    buffer: torch.Tensor
+    offset: int
 
 
 def _empty_bytes(nbytes: int) -> torch.Tensor:
@@ -64,7 +72,9 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
                 indices: Optional[Iterable[int]] = None,
                 destinations: Optional[Mapping[int, Any]] = None,
                 backups: Optional[Mapping[int, np.ndarray]] = None,
-                meanwhile: Optional[Callable[[dict[int, Any]], None]] = None) -> dict[int, Any]:
+                meanwhile: Optional[Callable[[dict[int, Any]], None]] = None,
+                bytes_only: Collection[int] = (),
+                scratch: Optional[Callable[[int], Optional[torch.Tensor]]] = None) -> dict[int, Any]:
     """Materialise the requested arrays of ``rank`` (all when ``indices`` is None) on CPU.
 
     An array made of whole chunks is decoded straight into its own fresh memory. A chunk
@@ -84,6 +94,11 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     ``meanwhile(arrays)``, with the arrays whose bytes are not there yet: work that needs
     only their dtypes and shapes. If the read fails, its error is raised once that is
     done; ``meanwhile`` should not raise.
+
+    An array in ``bytes_only`` that lies inside a shared chunk gets no array object: its
+    value is :class:`ChunkBytes`, where its bytes will be once the read is done (the caller
+    copies them out with :func:`copy_out`). A shared chunk holding nothing but such arrays
+    is decoded into ``scratch(nbytes)`` when that lends a buffer (None: fresh memory).
     """
     check_data_files(storage, location, manifest)   # before allocating what the manifest declares
     section = manifest.section(rank)
@@ -104,6 +119,7 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
     # need none of its bytes): (index, chunk, offset, entry, parsed dtype).
     views: list[tuple[int, int, int, Any, tuple[str, Any, int]]] = []
     parsed: dict[str, tuple[str, Any, int]] = {}              # dtype string → parse_array_dtype's answer
+    located: list[tuple[int, int, int]] = []                  # (index, shared chunk, offset): bytes only
 
     def slab(chunk: int) -> torch.Tensor:
         buf = slabs.get(chunk)
@@ -125,6 +141,9 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
         elif len(parts) == 1 and (parts[0][1] or parts[0][2] != chunks[parts[0][0]].raw_length):
             # Inside a shared chunk: a view of the chunk's buffer when the start suits the dtype.
             chunk, offset = parts[0][0], parts[0][1]
+            if index in bytes_only:
+                located.append((index, chunk, offset))
+                continue
             dtype = parsed.get(entry.dtype)
             if dtype is None:
                 dtype = parsed[entry.dtype] = parse_array_dtype(entry.dtype)
@@ -150,6 +169,14 @@ def read_arrays(storage: Storage, location: str, manifest: Manifest, rank: int =
                     requests.append(ReadRequest(chunk, chunks[chunk], pieces=((memoryview(piece), memoryview(backup)),)))
             elif length:
                 scattered.setdefault(chunk, []).append((offset, piece, backup))
+    for index, chunk, offset in located:
+        buf = slabs.get(chunk)
+        if buf is None:           # no array of this chunk escapes as a view: scratch will do
+            _check_claimed(manifest, chunk, claimed)
+            raw = chunks[chunk].raw_length
+            buf = scratch(raw) if scratch is not None else None
+            slabs[chunk] = buf if buf is not None else _chunk_buffer(raw, f"chunk {chunk}")
+        out[index] = ChunkBytes(slabs[chunk], offset)
     copies: list[tuple[np.ndarray, Optional[np.ndarray], int, int]] = []   # (dst, backup, chunk, offset)
     for chunk in sorted(set(slabs) | set(scattered)):
         places = sorted(scattered.get(chunk, ()), key=lambda p: p[0])
@@ -305,6 +332,83 @@ def match_destinations(target: Any, node: Any, arrays: Sequence[Any], out: dict[
                 match_destinations(t, v, arrays, out)
 
 
+def cover(target: Any, node: Any, arrays: Sequence[Any], pairs: list[tuple[int, torch.Tensor]],
+          dtypes: dict[str, Any]) -> bool:
+    """Whether restoring the saved ``node`` into ``target`` is nothing but copying bytes
+    into live tensors: ``target`` is a dict (nested dicts too) that has every saved key,
+    each saved tensor's live counterpart a plain CPU tensor of its dtype and shape, whose
+    bytes can be written as they are. Appends (array index, live tensor) to ``pairs`` as it
+    goes; ``dtypes`` caches the torch dtype of each dtype string (None: not torch).
+
+    Such an item needs no tree decoding, no checks after the read and no per-tensor
+    ``copy_``: the restore copies all its bytes in one native call. Costs about 1 us per
+    tensor (the walk of :func:`match_destinations` and ``_fits`` cost several).
+    """
+    if not isinstance(target, dict) or type(node) is not dict or node.get("$") != "dict":
+        return False
+    n = len(arrays)
+    for key, value in zip(node["keys"], node["values"]):
+        if type(value) is not dict:
+            return False
+        tag = value.get("$")
+        if tag == "dict":
+            if not cover(target.get(key), value, arrays, pairs, dtypes):
+                return False
+            continue
+        live = target.get(key)
+        index = value.get("array")
+        if tag != "tensor" or type(live) not in _PLAIN_TENSORS or type(index) is not int or not 0 <= index < n:
+            return False
+        entry = arrays[index]
+        dtype = dtypes.get(entry.dtype, _UNPARSED)
+        if dtype is _UNPARSED:
+            kind, dt, _ = parse_array_dtype(entry.dtype)
+            dtype = dtypes[entry.dtype] = dt if kind == "torch" else None
+        if (live.dtype is not dtype or live.shape != entry.shape or entry.global_shape is not None
+                or not live.is_cpu or not live.is_contiguous() or live.is_conj() or live.is_neg()):
+            return False
+        pairs.append((index, live))
+    return True
+
+
+_UNPARSED = object()
+
+
+def copy_plan(pairs: Sequence[tuple[int, torch.Tensor]], arrays: Mapping[int, Any],
+              entries: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source addresses, destination addresses, lengths) that copy each array's bytes
+    (``arrays[index]``: a tensor or :class:`ChunkBytes`) into its live tensor. The caller
+    keeps both alive until :func:`copy_out` has run."""
+    bases: dict[int, int] = {}
+    srcs, dsts, lengths = [], [], []
+    for index, live in pairs:
+        nbytes = entries[index].nbytes
+        if not nbytes:
+            continue
+        value = arrays[index]
+        if type(value) is ChunkBytes:
+            buf = value.buffer
+            base = bases.get(id(buf))
+            if base is None:
+                base = bases[id(buf)] = buf.data_ptr()
+            srcs.append(base + value.offset)
+        else:
+            srcs.append(value.data_ptr())
+        dsts.append(live.data_ptr())
+        lengths.append(nbytes)
+    return (np.array(srcs, dtype=np.uint64), np.array(dsts, dtype=np.uint64),
+            np.array(lengths, dtype=np.uint64))
+
+
+def copy_out(plan: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Run a :func:`copy_plan` (native, GIL released, the bytes shared by up to four threads)."""
+    if len(plan[0]):
+        native.copy_all(*plan, threads=_COPY_THREADS)
+
+
+_COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
 def item_arrays(tree: Any, names: Iterable[str]) -> set[int]:
     """Array indices referenced by the named top-level items of a rank's tree."""
     keys, values = tree["keys"], tree["values"]
@@ -445,16 +549,19 @@ def _source_rank(manifest: Manifest, rank: int, world_size: Optional[int]) -> in
 def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, tree: Any,
                 names: Optional[list[str]], destinations: Mapping[int, Any], live: Mapping[Any, Any],
                 backups: Optional[Mapping[int, np.ndarray]] = None,
-                meanwhile: Optional[Callable[[dict[int, Any]], None]] = None) -> dict[int, Any]:
+                meanwhile: Optional[Callable[[dict[int, Any]], None]] = None,
+                bytes_only: Collection[int] = (),
+                scratch: Optional[Callable[[int], Optional[torch.Tensor]]] = None) -> dict[int, Any]:
     """Every array the named items reference: ordinary ones from section ``src``, sharded
     ones assembled to the box the live value needs (its local shard, or the whole array).
-    ``meanwhile`` as for :func:`read_arrays` (with sharded arrays it runs after the read)."""
+    ``meanwhile``, ``bytes_only`` and ``scratch`` as for :func:`read_arrays` (with sharded
+    arrays ``meanwhile`` runs after the read)."""
     section = manifest.section(src)
     indices = item_arrays(tree, names) if names is not None else set(range(len(section.arrays)))
     sharded = [j for j in indices if section.arrays[j].global_shape is not None]
     if not sharded:
         return read_arrays(storage, location, manifest, src, indices=indices, destinations=destinations,
-                           backups=backups, meanwhile=meanwhile)
+                           backups=backups, meanwhile=meanwhile, bytes_only=bytes_only, scratch=scratch)
     plain = {j for j in indices if section.arrays[j].global_shape is None}
     paths = reshard.array_paths(tree)
     wanted, templates = [], {}
@@ -476,7 +583,8 @@ def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, t
         idx = need.get(r, set()) | (plain if r == src else set())
         values = read_arrays(storage, location, manifest, r, indices=idx,
                              destinations=destinations if r == src else None,
-                             backups=backups if r == src else None)
+                             backups=backups if r == src else None,
+                             bytes_only=bytes_only if r == src else (), scratch=scratch if r == src else None)
         for j, v in values.items():
             got[(r, j)] = v
             if r == src and j in plain:
@@ -555,6 +663,13 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     back the tensors of items k and after. Nothing keeps a reference to the scratch buffer
     afterwards. Without ``atomic`` there are no backups: if that restore raises, matching
     tensors may hold partial data.
+
+    An item that is a dict of live CPU tensors matching the saved ones (see :func:`cover`)
+    is restored by copying bytes alone: its arrays inside shared chunks are read into the
+    scratch buffer and copied into the live tensors in one native call when the item's
+    turn comes, after every check has passed; so a failed read or check leaves them as
+    they were, in either mode. It is not decoded, and the tensors it restores are the
+    caller's own.
     """
     src = _source_rank(manifest, rank, world_size)
     section = manifest.section(src)
@@ -568,15 +683,37 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     want_rng = restore_rng and RNG_ITEM in saved_names and RNG_ITEM not in state
     if want_rng:
         names.append(RNG_ITEM)
+    covered = _covered_items(tree, section.arrays, state, names)
     matched: dict[str, dict[int, Any]] = {}
+    copied: dict[str, list[tuple[int, Any]]] = {}       # covered item → arrays copied in after the read
+    copy_chunks: set[int] = set()                       # the shared chunks they are copied out of
+    for name, pairs in covered.items():
+        # A covered item's arrays of whole chunks are read in place (below); those inside
+        # shared chunks are copied out of the chunk once every check has passed.
+        whole: dict[int, Any] = {}
+        copied[name] = []
+        for index, live in pairs:
+            chunk = _shared_chunk(section.arrays[index], manifest)
+            if chunk is None and index not in whole:
+                whole[index] = live
+            else:
+                copied[name].append((index, live))
+                if chunk is not None:
+                    copy_chunks.add(chunk)
+        if whole:
+            matched[name] = whole
     # Matching costs microseconds per array and reading in place saves a copy in proportion
     # to bytes, so a state of small tensors skips the walk (then restore_into copies each).
     if _worth_matching(section.arrays):
         for key, node in zip(tree["keys"], tree["values"]):
-            if key in state:
+            if key in state and key not in covered:
                 matched[key] = {}
                 match_destinations(state[key], node, section.arrays, matched[key])
     in_place = _in_place(tree, section.arrays, matched, single_owner=atomic)
+    for name in covered:    # arrays _in_place left out are copied in too
+        copied[name].extend((index, live) for index, live in matched.get(name, {}).items()
+                            if index not in in_place[name])
+    bytes_only = {index for pairs in copied.values() for index, _ in pairs}
     destinations = {index: target for found in in_place.values() for index, target in found.items()}
     live = {}
     if any(a.global_shape is not None for a in section.arrays):
@@ -586,7 +723,10 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     if atomic:
         for index in sorted(destinations):
             layout[index] = total
-            total += -(-section.arrays[index].nbytes // _BACKUP_ALIGN) * _BACKUP_ALIGN
+            total += _aligned(section.arrays[index].nbytes)
+    backup_bytes = total
+    # Shared chunks read only to be copied out of go into the scratch buffer too.
+    total += sum(_aligned(manifest.chunks[c].raw_length) for c in copy_chunks)
     if borrow is not None and total:
         # Ask for a buffer the size of this rank's whole state: the next save of the same
         # state then reuses it instead of allocating its own (pages are only touched as
@@ -596,28 +736,37 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
         backups = {index: scratch[offset:offset + section.arrays[index].nbytes].numpy()
                    for index, offset in layout.items()}
         checked: dict[str, Any] = {}
+        decoded = [name for name in names if name not in covered]
 
         def check(arrays: dict[int, Any]) -> None:
-            """Decode and precheck while the chunks are read: neither needs their bytes."""
+            """Decode, precheck and plan the copies while the chunks are read: none of it
+            needs their bytes."""
             try:
-                checked["saved"] = decode_items(tree, arrays, names)
+                checked["saved"] = decode_items(tree, arrays, decoded)
                 for name in state:
-                    _precheck(state[name], checked["saved"][name], name)
+                    if name not in covered:
+                        _precheck(state[name], checked["saved"][name], name)
+                checked["plans"] = {name: copy_plan(pairs, arrays, section.arrays) for name, pairs in copied.items()}
             except BaseException as e:  # noqa: BLE001 - raised once the read is over
                 checked["error"] = e
 
         # A failed read has put back what it overwrote; a failed check is rolled back here,
         # once every backup is complete.
-        _read_items(storage, location, manifest, src, tree, names, destinations, live, backups, check)
+        _read_items(storage, location, manifest, src, tree, names, destinations, live, backups, check,
+                    bytes_only=bytes_only, scratch=_Arena(scratch, backup_bytes).take)
         rollback = _Rollback(in_place, backups)
         if "error" in checked:
             with rollback.on_error(list(state)):
                 raise checked["error"]
-        saved = checked["saved"]
+        saved, plans = checked["saved"], checked["plans"]
         applied: list[str] = []
         try:
             for name in state:
                 with rollback.on_error(list(state)[len(applied):]), torch.no_grad():
+                    if name in covered:     # its bytes are in place or copied in here
+                        copy_out(plans[name])
+                        applied.append(name)
+                        continue
                     value = restore_into(state[name], saved[name], name)
                 if isinstance(state, dict):
                     state[name] = value
@@ -632,6 +781,61 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
 
 
 _BACKUP_ALIGN = 64
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _BACKUP_ALIGN) * _BACKUP_ALIGN
+
+
+class _Arena:
+    """Hands out consecutive aligned pieces of a scratch buffer from ``start`` on; None
+    once it has no room left (the caller then allocates)."""
+
+    def __init__(self, buffer: torch.Tensor, start: int) -> None:
+        self._buffer = buffer
+        self._next = start
+
+    def take(self, nbytes: int) -> Optional[torch.Tensor]:
+        if self._next + nbytes > self._buffer.numel():
+            return None
+        piece = self._buffer[self._next:self._next + nbytes]
+        self._next += _aligned(nbytes)
+        return piece
+
+
+def _shared_chunk(entry: Any, manifest: Manifest) -> Optional[int]:
+    """The chunk an array lies inside when that chunk holds other bytes too, else None."""
+    if entry.stored_by is not None:
+        entry = manifest.section(entry.stored_by[0]).arrays[entry.stored_by[1]]
+    parts = entry.parts
+    if len(parts) == 1:
+        chunk, offset, length = parts[0]
+        if offset or length != manifest.chunks[chunk].raw_length:
+            return chunk
+    return None
+
+
+def _covered_items(tree: Any, arrays: Sequence[Any], state: Mapping[str, Any],
+                   names: Sequence[str]) -> dict[str, list[tuple[int, Any]]]:
+    """The items restored by copying bytes alone (see :func:`cover`), each with its
+    (array index, live tensor) pairs; an item sharing an array with another item it is
+    restored with is left to the general path (its arrays must be decoded there)."""
+    covered: dict[str, list[tuple[int, Any]]] = {}
+    dtypes: dict[str, Any] = {}
+    for key, node in zip(tree["keys"], tree["values"]):
+        if key in state:
+            pairs: list[tuple[int, Any]] = []
+            if cover(state[key], node, arrays, pairs, dtypes):
+                covered[key] = pairs
+    if not covered:
+        return covered
+    users: dict[int, int] = {}
+    for index in item_arrays(tree, [name for name in names if name not in covered]):
+        users[index] = 2        # also needed by an item decoded the general way
+    for pairs in covered.values():
+        for index in {index for index, _ in pairs}:
+            users[index] = users.get(index, 0) + 1
+    return {name: pairs for name, pairs in covered.items() if all(users[index] == 1 for index, _ in pairs)}
 
 
 class _Rollback:
