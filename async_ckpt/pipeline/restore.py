@@ -547,17 +547,18 @@ def _source_rank(manifest: Manifest, rank: int, world_size: Optional[int]) -> in
 
 
 def _read_items(storage: Storage, location: str, manifest: Manifest, src: int, tree: Any,
-                names: Optional[list[str]], destinations: Mapping[int, Any], live: Mapping[Any, Any],
+                indices: Optional[set[int]], destinations: Mapping[int, Any], live: Mapping[Any, Any],
                 backups: Optional[Mapping[int, np.ndarray]] = None,
                 meanwhile: Optional[Callable[[dict[int, Any]], None]] = None,
                 bytes_only: Collection[int] = (),
                 scratch: Optional[Callable[[int], Optional[torch.Tensor]]] = None) -> dict[int, Any]:
-    """Every array the named items reference: ordinary ones from section ``src``, sharded
-    ones assembled to the box the live value needs (its local shard, or the whole array).
-    ``meanwhile``, ``bytes_only`` and ``scratch`` as for :func:`read_arrays` (with sharded
-    arrays ``meanwhile`` runs after the read)."""
+    """The arrays ``indices`` (all when None) of section ``src``: ordinary ones as they are,
+    sharded ones assembled to the box the live value needs (its local shard, or the whole
+    array). ``meanwhile``, ``bytes_only`` and ``scratch`` as for :func:`read_arrays` (with
+    sharded arrays ``meanwhile`` runs after the read)."""
     section = manifest.section(src)
-    indices = item_arrays(tree, names) if names is not None else set(range(len(section.arrays)))
+    if indices is None:
+        indices = set(range(len(section.arrays)))
     sharded = [j for j in indices if section.arrays[j].global_shape is not None]
     if not sharded:
         return read_arrays(storage, location, manifest, src, indices=indices, destinations=destinations,
@@ -683,7 +684,7 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     want_rng = restore_rng and RNG_ITEM in saved_names and RNG_ITEM not in state
     if want_rng:
         names.append(RNG_ITEM)
-    covered = _covered_items(tree, section.arrays, state, names)
+    covered, wanted = _covered_items(tree, section.arrays, state, names)
     matched: dict[str, dict[int, Any]] = {}
     copied: dict[str, list[tuple[int, Any]]] = {}       # covered item → arrays copied in after the read
     copy_chunks: set[int] = set()                       # the shared chunks they are copied out of
@@ -752,7 +753,7 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
 
         # A failed read has put back what it overwrote; a failed check is rolled back here,
         # once every backup is complete.
-        _read_items(storage, location, manifest, src, tree, names, destinations, live, backups, check,
+        _read_items(storage, location, manifest, src, tree, wanted, destinations, live, backups, check,
                     bytes_only=bytes_only, scratch=_Arena(scratch, backup_bytes).take)
         rollback = _Rollback(in_place, backups)
         if "error" in checked:
@@ -816,10 +817,11 @@ def _shared_chunk(entry: Any, manifest: Manifest) -> Optional[int]:
 
 
 def _covered_items(tree: Any, arrays: Sequence[Any], state: Mapping[str, Any],
-                   names: Sequence[str]) -> dict[str, list[tuple[int, Any]]]:
+                   names: Sequence[str]) -> tuple[dict[str, list[tuple[int, Any]]], set[int]]:
     """The items restored by copying bytes alone (see :func:`cover`), each with its
     (array index, live tensor) pairs; an item sharing an array with another item it is
-    restored with is left to the general path (its arrays must be decoded there)."""
+    restored with is left to the general path (its arrays must be decoded there). Also
+    every array the named items reference."""
     covered: dict[str, list[tuple[int, Any]]] = {}
     dtypes: dict[str, Any] = {}
     for key, node in zip(tree["keys"], tree["values"]):
@@ -827,15 +829,17 @@ def _covered_items(tree: Any, arrays: Sequence[Any], state: Mapping[str, Any],
             pairs: list[tuple[int, Any]] = []
             if cover(state[key], node, arrays, pairs, dtypes):
                 covered[key] = pairs
+    others = item_arrays(tree, [name for name in names if name not in covered])
     if not covered:
-        return covered
-    users: dict[int, int] = {}
-    for index in item_arrays(tree, [name for name in names if name not in covered]):
-        users[index] = 2        # also needed by an item decoded the general way
+        return covered, others
+    users = dict.fromkeys(others, 2)        # also needed by an item decoded the general way
+    wanted = set(others)
     for pairs in covered.values():
-        for index in {index for index, _ in pairs}:
+        indices = {index for index, _ in pairs}
+        wanted |= indices
+        for index in indices:
             users[index] = users.get(index, 0) + 1
-    return {name: pairs for name, pairs in covered.items() if all(users[index] == 1 for index, _ in pairs)}
+    return {name: pairs for name, pairs in covered.items() if all(users[index] == 1 for index, _ in pairs)}, wanted
 
 
 class _Rollback:
