@@ -298,3 +298,32 @@ def test_copy_all_refuses_bad_arguments_before_copying():
     with pytest.raises(FormatError, match="threads"):
         native.copy_all(np.array([], dtype=np.uint64), np.array([], dtype=np.uint64), np.array([], dtype=np.uint64),
                         threads=0)
+
+
+def test_large_tensors_sharing_a_chunk_in_a_copied_item_are_read_in_place(tmp_path, monkeypatch, decoded):
+    # Two 128 KiB tensors in one 1 MiB chunk: read in place (their backups copied while the
+    # disk works), not copied out after the read; the small one is copied out.
+    read_in_place: list[set] = []
+    real = restore._in_place
+
+    def spy(*args, single_owner):
+        out = real(*args, single_owner=single_owner)
+        read_in_place.append({i for found in out.values() for i in found})
+        return out
+
+    monkeypatch.setattr(restore, "_in_place", spy)
+    g = torch.Generator().manual_seed(0)
+    saved = {"a": torch.randn(32768, generator=g), "b": torch.randn(32768, generator=g),
+             "tiny": torch.randn(3, generator=g)}
+    with CheckpointManager(tmp_path, CheckpointManagerOptions(handle_sigterm=False, compression=None,
+                                                              chunk_bytes=1 << 20)) as mgr:
+        mgr.save(1, {"sd": saved})
+        section = read_manifest(tmp_path / step_dir_name(1)).section(0)
+        assert len({a.parts[0][0] for a in section.arrays}) == 1          # one shared chunk
+        live = {k: torch.zeros_like(v) for k, v in saved.items()}
+        decoded.clear()
+        mgr.restore({"sd": live}, step=1)
+    assert all("sd" not in names for names in decoded)
+    assert [len(found) for found in read_in_place] == [2]
+    for k in saved:
+        assert torch.equal(live[k], saved[k]), k

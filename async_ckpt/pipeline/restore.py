@@ -689,13 +689,14 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     copied: dict[str, list[tuple[int, Any]]] = {}       # covered item → arrays copied in after the read
     copy_chunks: set[int] = set()                       # the shared chunks they are copied out of
     for name, pairs in covered.items():
-        # A covered item's arrays of whole chunks are read in place (below); those inside
-        # shared chunks are copied out of the chunk once every check has passed.
+        # A covered item's large arrays are read in place (below), their backups copied
+        # while the disk works; small ones inside shared chunks are copied out of the chunk
+        # once every check has passed (one native call instead of a read piece each).
         whole: dict[int, Any] = {}
         copied[name] = []
         for index, live in pairs:
             chunk = _shared_chunk(section.arrays[index], manifest)
-            if chunk is None and index not in whole:
+            if (chunk is None or section.arrays[index].nbytes >= _MATCH_MEAN_FROM) and index not in whole:
                 whole[index] = live
             else:
                 copied[name].append((index, live))
