@@ -157,18 +157,27 @@ def test_every_kind_of_difference_takes_the_general_path(tmp_path, decoded, chan
         assert torch.equal(g.to(v.dtype), v) and g.shape == v.shape, k
 
 
-def test_cover_refuses_a_shape_and_accepts_the_saved_state(tmp_path):
+def test_cover_defers_the_small_tensors_checks_and_fits_refuses_a_shape(tmp_path):
     saved = small_dict(5, n=4)
     with CheckpointManager(tmp_path, opts()) as mgr:
         mgr.save(1, {"model": saved})
-    section = read_manifest(tmp_path / step_dir_name(1)).section(0)
+    manifest = read_manifest(tmp_path / step_dir_name(1))
+    section = manifest.section(0)
     node = section.tree["values"][section.tree["keys"].index("model")]
-    pairs: list = []
-    assert restore.cover(clone(saved), node, section.arrays, pairs, {})
-    assert len(pairs) == len(flat(saved))
+    now: list = []
+    later: list = []
     live = clone(saved)
+    assert restore.cover(live, node, section.arrays, manifest, now, later, {})
+    # All small, in shared chunks, but the empty one (no chunk: checked at once).
+    assert [section.arrays[i].nbytes for i, _ in now] == [0] and len(later) == len(flat(saved)) - 1
+    assert all(restore.fits(t, section.arrays[i], {}) for i, t, _ in later)
     live["matrix"] = torch.zeros(5, 3)
-    assert not restore.cover(live, node, section.arrays, [], {})
+    later = []
+    assert restore.cover(live, node, section.arrays, manifest, [], later, {})
+    refused = [i for i, t, _ in later if not restore.fits(t, section.arrays[i], {})]
+    assert [section.arrays[i].shape for i in refused] == [(3, 5)]
+    live["matrix"] = [1.0]
+    assert not restore.cover(live, node, section.arrays, manifest, [], [], {})
 
 
 def test_a_bad_chunk_changes_no_tensor_of_a_copied_item(tmp_path):
@@ -327,3 +336,32 @@ def test_large_tensors_sharing_a_chunk_in_a_copied_item_are_read_in_place(tmp_pa
     assert [len(found) for found in read_in_place] == [2]
     for k in saved:
         assert torch.equal(live[k], saved[k]), k
+
+
+def test_a_small_tensor_of_the_wrong_shape_found_during_the_read_puts_everything_back(tmp_path):
+    # "big" is read in place (backed up first); the small tensors' checks run while the
+    # chunks are read, and "v" does not fit: the item is decoded the general way, which
+    # refuses the shape, and "big" gets its bytes back.
+    g = torch.Generator().manual_seed(0)
+    saved = {"big": torch.randn(1 << 16, generator=g), "v": torch.randn(5, generator=g),
+             "w": torch.randn(3, generator=g)}
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"sd": saved})
+        live = {"big": torch.randn(1 << 16, generator=g), "v": torch.zeros(6), "w": torch.zeros(3)}
+        before = clone(live)
+        with pytest.raises(RestoreError, match=r"sd\['v'\]: shape \(5,\) in checkpoint, \(6,\) in target"):
+            mgr.restore({"sd": live}, step=1)
+    assert_same(live, before)
+
+
+def test_a_small_tensor_of_another_dtype_is_converted_like_the_general_path(tmp_path, decoded):
+    g = torch.Generator().manual_seed(0)
+    saved = {"big": torch.randn(1 << 16, generator=g), "v": torch.randn(5, generator=g)}
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"sd": saved})
+        live = {"big": torch.zeros(1 << 16), "v": torch.zeros(5, dtype=torch.float64)}
+        decoded.clear()
+        mgr.restore({"sd": live}, step=1)
+    assert any("sd" in names for names in decoded)
+    assert torch.equal(live["big"], saved["big"]) and torch.equal(live["v"], saved["v"].double())
+    assert live["v"].dtype == torch.float64

@@ -332,17 +332,19 @@ def match_destinations(target: Any, node: Any, arrays: Sequence[Any], out: dict[
                 match_destinations(t, v, arrays, out)
 
 
-def cover(target: Any, node: Any, arrays: Sequence[Any], pairs: list[tuple[int, torch.Tensor]],
-          dtypes: dict[str, Any]) -> bool:
-    """Whether restoring the saved ``node`` into ``target`` is nothing but copying bytes
-    into live tensors: ``target`` is a dict (nested dicts too) that has every saved key,
-    each saved tensor's live counterpart a plain CPU tensor of its dtype and shape, whose
-    bytes can be written as they are. Appends (array index, live tensor) to ``pairs`` as it
-    goes; ``dtypes`` caches the torch dtype of each dtype string (None: not torch).
+def cover(target: Any, node: Any, arrays: Sequence[Any], manifest: Manifest, now: list[tuple[int, torch.Tensor]],
+          later: list[tuple[int, torch.Tensor, int]], dtypes: dict[str, Any]) -> bool:
+    """Whether restoring the saved ``node`` into ``target`` may be nothing but copying
+    bytes into live tensors: ``target`` is a dict (nested dicts too) that has every saved
+    key, and each saved tensor's live counterpart is a plain tensor. Such an item needs no
+    tree decoding and no per-tensor ``copy_``: the restore copies its bytes in one native
+    call.
 
-    Such an item needs no tree decoding, no checks after the read and no per-tensor
-    ``copy_``: the restore copies all its bytes in one native call. Costs about 1 us per
-    tensor (the walk of :func:`match_destinations` and ``_fits`` cost several).
+    Appends (array index, live tensor) to ``now`` for the large arrays and those filling
+    whole chunks, which must also pass :func:`fits` (checked here: they are read in place),
+    and (index, live tensor, shared chunk) to ``later`` for the small arrays inside shared
+    chunks, whose :func:`fits` the caller checks while the chunks are read (about 1 us
+    each; the walk itself costs about half that). ``dtypes`` as for :func:`fits`.
     """
     if not isinstance(target, dict) or type(node) is not dict or node.get("$") != "dict":
         return False
@@ -352,7 +354,7 @@ def cover(target: Any, node: Any, arrays: Sequence[Any], pairs: list[tuple[int, 
             return False
         tag = value.get("$")
         if tag == "dict":
-            if not cover(target.get(key), value, arrays, pairs, dtypes):
+            if not cover(target.get(key), value, arrays, manifest, now, later, dtypes):
                 return False
             continue
         live = target.get(key)
@@ -360,15 +362,28 @@ def cover(target: Any, node: Any, arrays: Sequence[Any], pairs: list[tuple[int, 
         if tag != "tensor" or type(live) not in _PLAIN_TENSORS or type(index) is not int or not 0 <= index < n:
             return False
         entry = arrays[index]
-        dtype = dtypes.get(entry.dtype, _UNPARSED)
-        if dtype is _UNPARSED:
-            kind, dt, _ = parse_array_dtype(entry.dtype)
-            dtype = dtypes[entry.dtype] = dt if kind == "torch" else None
-        if (live.dtype is not dtype or live.shape != entry.shape or entry.global_shape is not None
-                or not live.is_cpu or not live.is_contiguous() or live.is_conj() or live.is_neg()):
+        if entry.global_shape is not None:
             return False
-        pairs.append((index, live))
+        chunk = _shared_chunk(entry, manifest)
+        if chunk is not None and entry.nbytes < _MATCH_MEAN_FROM:
+            later.append((index, live, chunk))
+        elif fits(live, entry, dtypes):
+            now.append((index, live))
+        else:
+            return False
     return True
+
+
+def fits(live: torch.Tensor, entry: Any, dtypes: dict[str, Any]) -> bool:
+    """Whether the saved array's bytes can be written into the plain tensor ``live`` as
+    they are: a CPU tensor of its dtype and shape, contiguous, with no conjugate or
+    negative bit. ``dtypes`` caches the torch dtype of each dtype string (None: not torch)."""
+    dtype = dtypes.get(entry.dtype, _UNPARSED)
+    if dtype is _UNPARSED:
+        kind, dt, _ = parse_array_dtype(entry.dtype)
+        dtype = dtypes[entry.dtype] = dt if kind == "torch" else None
+    return (live.dtype is dtype and live.shape == entry.shape and live.is_cpu and live.is_contiguous()
+            and not live.is_conj() and not live.is_neg())
 
 
 _UNPARSED = object()
@@ -684,24 +699,24 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
     want_rng = restore_rng and RNG_ITEM in saved_names and RNG_ITEM not in state
     if want_rng:
         names.append(RNG_ITEM)
-    covered, wanted = _covered_items(tree, section.arrays, state, names)
+    covered, wanted = _covered_items(tree, section.arrays, manifest, state, names)
     matched: dict[str, dict[int, Any]] = {}
     copied: dict[str, list[tuple[int, Any]]] = {}       # covered item → arrays copied in after the read
     copy_chunks: set[int] = set()                       # the shared chunks they are copied out of
-    for name, pairs in covered.items():
+    for name, found in covered.items():
         # A covered item's large arrays are read in place (below), their backups copied
         # while the disk works; small ones inside shared chunks are copied out of the chunk
         # once every check has passed (one native call instead of a read piece each).
         whole: dict[int, Any] = {}
         copied[name] = []
-        for index, live in pairs:
-            chunk = _shared_chunk(section.arrays[index], manifest)
-            if (chunk is None or section.arrays[index].nbytes >= _MATCH_MEAN_FROM) and index not in whole:
-                whole[index] = live
-            else:
+        for index, live in found.now:
+            if index in whole:
                 copied[name].append((index, live))
-                if chunk is not None:
-                    copy_chunks.add(chunk)
+            else:
+                whole[index] = live
+        for index, live, chunk in found.later:
+            copied[name].append((index, live))
+            copy_chunks.add(chunk)
         if whole:
             matched[name] = whole
     # Matching costs microseconds per array and reading in place saves a copy in proportion
@@ -739,33 +754,45 @@ def restore_state(storage: Storage, location: str, manifest: Manifest, state: Ma
                    for index, offset in layout.items()}
         checked: dict[str, Any] = {}
         decoded = [name for name in names if name not in covered]
+        dtypes: dict[str, Any] = {}
 
         def check(arrays: dict[int, Any]) -> None:
             """Decode, precheck and plan the copies while the chunks are read: none of it
-            needs their bytes."""
+            needs their bytes. A covered item whose small tensors do not all fit is decoded
+            the general way once the read is done."""
             try:
                 checked["saved"] = decode_items(tree, arrays, decoded)
                 for name in state:
                     if name not in covered:
                         _precheck(state[name], checked["saved"][name], name)
-                checked["plans"] = {name: copy_plan(pairs, arrays, section.arrays) for name, pairs in copied.items()}
+                entries = section.arrays
+                checked["late"] = [name for name, found in covered.items()
+                                   if not all(fits(live, entries[index], dtypes) for index, live, _ in found.later)]
+                checked["plans"] = {name: copy_plan(pairs, arrays, entries) for name, pairs in copied.items()
+                                    if name not in checked["late"]}
             except BaseException as e:  # noqa: BLE001 - raised once the read is over
                 checked["error"] = e
 
         # A failed read has put back what it overwrote; a failed check is rolled back here,
         # once every backup is complete.
-        _read_items(storage, location, manifest, src, tree, wanted, destinations, live, backups, check,
-                    bytes_only=bytes_only, scratch=_Arena(scratch, backup_bytes).take)
+        arrays = _read_items(storage, location, manifest, src, tree, wanted, destinations, live, backups, check,
+                             bytes_only=bytes_only, scratch=_Arena(scratch, backup_bytes).take)
         rollback = _Rollback(in_place, backups)
         if "error" in checked:
             with rollback.on_error(list(state)):
                 raise checked["error"]
-        saved, plans = checked["saved"], checked["plans"]
+        saved, plans, late = checked["saved"], checked["plans"], checked["late"]
+        if late:
+            with rollback.on_error(list(state)):
+                _materialise(arrays, item_arrays(tree, late), section.arrays)
+                saved.update(decode_items(tree, arrays, late))
+                for name in late:
+                    _precheck(state[name], saved[name], name)
         applied: list[str] = []
         try:
             for name in state:
                 with rollback.on_error(list(state)[len(applied):]), torch.no_grad():
-                    if name in covered:     # its bytes are in place or copied in here
+                    if name in plans:       # its bytes are in place or copied in here
                         copy_out(plans[name])
                         applied.append(name)
                         continue
@@ -817,30 +844,57 @@ def _shared_chunk(entry: Any, manifest: Manifest) -> Optional[int]:
     return None
 
 
-def _covered_items(tree: Any, arrays: Sequence[Any], state: Mapping[str, Any],
-                   names: Sequence[str]) -> tuple[dict[str, list[tuple[int, Any]]], set[int]]:
-    """The items restored by copying bytes alone (see :func:`cover`), each with its
-    (array index, live tensor) pairs; an item sharing an array with another item it is
-    restored with is left to the general path (its arrays must be decoded there). Also
-    every array the named items reference."""
-    covered: dict[str, list[tuple[int, Any]]] = {}
+class _Cover(NamedTuple):
+    now: list[tuple[int, Any]]              # checked, read in place or copied in
+    later: list[tuple[int, Any, int]]       # checked while the chunks are read, copied in
+
+
+def _covered_items(tree: Any, arrays: Sequence[Any], manifest: Manifest, state: Mapping[str, Any],
+                   names: Sequence[str]) -> tuple[dict[str, _Cover], set[int]]:
+    """The items that may be restored by copying bytes alone (see :func:`cover`); an item
+    sharing an array with another item it is restored with is left to the general path
+    (its arrays must be decoded there). Also every array the named items reference."""
+    covered: dict[str, _Cover] = {}
     dtypes: dict[str, Any] = {}
     for key, node in zip(tree["keys"], tree["values"]):
         if key in state:
-            pairs: list[tuple[int, Any]] = []
-            if cover(state[key], node, arrays, pairs, dtypes):
-                covered[key] = pairs
+            found = _Cover([], [])
+            if cover(state[key], node, arrays, manifest, found.now, found.later, dtypes):
+                covered[key] = found
     others = item_arrays(tree, [name for name in names if name not in covered])
     if not covered:
         return covered, others
     users = dict.fromkeys(others, 2)        # also needed by an item decoded the general way
     wanted = set(others)
-    for pairs in covered.values():
-        indices = {index for index, _ in pairs}
+    for found in covered.values():
+        indices = {p[0] for p in found.now} | {p[0] for p in found.later}
         wanted |= indices
         for index in indices:
             users[index] = users.get(index, 0) + 1
-    return {name: pairs for name, pairs in covered.items() if all(users[index] == 1 for index, _ in pairs)}, wanted
+    return {name: found for name, found in covered.items()
+            if all(users[p[0]] == 1 for part in found for p in part)}, wanted
+
+
+def _materialise(arrays: dict[int, Any], indices: Iterable[int], entries: Sequence[Any]) -> None:
+    """Replace the :class:`ChunkBytes` among ``arrays[indices]`` with arrays of their own
+    memory (their chunk buffer may be scratch that is reused once the restore is done)."""
+    copies: dict[int, torch.Tensor] = {}
+    typed: dict[tuple[int, Any], torch.Tensor] = {}
+    for index in indices:
+        value = arrays.get(index)
+        if type(value) is not ChunkBytes:
+            continue
+        buf = copies.get(id(value.buffer))
+        if buf is None:
+            buf = copies[id(value.buffer)] = value.buffer.clone()
+        entry = entries[index]
+        dtype = parse_array_dtype(entry.dtype)
+        if value.offset % dtype[2] == 0:
+            arrays[index] = _view(buf, value.offset, entry, dtype, typed)
+        else:
+            array, raw = _allocate(entry.dtype, entry.shape, entry.nbytes)
+            raw[:] = buf.numpy()[value.offset:value.offset + entry.nbytes]
+            arrays[index] = array
 
 
 class _Rollback:
