@@ -365,3 +365,20 @@ def test_a_small_tensor_of_another_dtype_is_converted_like_the_general_path(tmp_
     assert any("sd" in names for names in decoded)
     assert torch.equal(live["big"], saved["big"]) and torch.equal(live["v"], saved["v"].double())
     assert live["v"].dtype == torch.float64
+
+
+def test_materialised_arrays_own_their_memory():
+    # A late item's arrays become views of a copy of their chunk, never of the scratch
+    # buffer the chunk was read into (it is reused once the restore is done).
+    from async_ckpt.format.manifest import ArrayEntry
+    scratch = torch.arange(64, dtype=torch.uint8)
+    entries = [ArrayEntry("torch.float32", (2,), 8, ((0, 8, 8),)), ArrayEntry("torch.int16", (3,), 6, ((0, 17, 6),))]
+    arrays = {0: restore.ChunkBytes(scratch, 8), 1: restore.ChunkBytes(scratch, 17)}
+    restore._materialise(arrays, [0, 1], entries)
+    assert arrays[0].dtype == torch.float32 and arrays[0].shape == (2,)
+    assert arrays[1].dtype == torch.int16 and arrays[1].shape == (3,)           # odd offset: copied
+    assert bytes(arrays[0].view(torch.uint8).tolist()) == bytes(range(8, 16))
+    assert bytes(arrays[1].view(torch.uint8).tolist()) == bytes(range(17, 23))
+    scratch.zero_()
+    assert bytes(arrays[0].view(torch.uint8).tolist()) == bytes(range(8, 16))
+    assert bytes(arrays[1].view(torch.uint8).tolist()) == bytes(range(17, 23))
