@@ -1,0 +1,170 @@
+"""A state of small arrays is read first: every chunk goes into scratch while the live
+objects are matched, checked and planned on the calling thread; nothing live changes
+until every chunk is read and checked and every item prechecked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from async_ckpt import CheckpointManager, CheckpointManagerOptions
+from async_ckpt.errors import ChecksumError, RestoreError
+from async_ckpt.format.manifest import ArrayEntry
+from async_ckpt.pipeline import restore
+
+
+def opts(**kw) -> CheckpointManagerOptions:
+    return CheckpointManagerOptions(handle_sigterm=False, compression=None, chunk_bytes=1 << 16, **kw)
+
+
+def small_dict(seed: int, n: int = 200) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {f"p{i:03d}": torch.randn(1 + i % 29, generator=g).to((torch.float32, torch.bfloat16)[i % 2])
+            for i in range(n)}
+
+
+def small_model(seed: int, width: int = 4) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model of many tiny parameters and its AdamW after two steps (all state small)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(12)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(2, width)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def model_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in model.parameters()]
+    for state in opt.state_dict()["state"].values():
+        out += [v.clone() for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def corrupt_first_data_file(folder) -> None:
+    data = sorted(folder.rglob("data-*.bin"))
+    with open(data[0], "r+b") as f:
+        f.seek(200)
+        b = f.read(1)
+        f.seek(200)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Which restore path each restore took."""
+    taken: list[str] = []
+    for name in ("_restore_read_first", "_restore_matched"):
+        real = getattr(restore, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            taken.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(restore, name, spy)
+    return taken
+
+
+def test_only_a_state_of_small_arrays_is_read_first(tmp_path, paths):
+    g = torch.Generator().manual_seed(0)
+    with CheckpointManager(tmp_path, opts(max_to_keep=None)) as mgr:
+        mgr.save(1, {"sd": small_dict(1)})
+        mgr.save(2, {"sd": {"big": torch.randn(1 << 20, generator=g), "b": torch.randn(3, generator=g)}})
+        mgr.restore({"sd": small_dict(2)}, step=1)
+        mgr.restore({"sd": {"big": torch.zeros(1 << 20), "b": torch.zeros(3)}}, step=2)
+    assert paths == ["_restore_read_first", "_restore_matched"]
+
+
+def test_the_read_starts_before_the_live_objects_are_looked_at(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_read_while, real_covered = restore._read_while, restore._covered_items
+
+    def read_while(*args):
+        events.append("read")
+        return real_read_while(*args)
+
+    def covered_items(*args):
+        events.append("walk")
+        return real_covered(*args)
+
+    monkeypatch.setattr(restore, "_read_while", read_while)
+    monkeypatch.setattr(restore, "_covered_items", covered_items)
+    saved = small_dict(1)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"sd": saved})
+        live = small_dict(2)
+        mgr.restore({"sd": live}, step=1)
+    assert events == ["read", "walk"]
+    assert all(torch.equal(live[k], saved[k]) for k in saved)
+
+
+def test_a_model_and_optimizer_of_small_tensors_restore_exactly_into_memory_of_their_own(tmp_path, paths):
+    # The optimizer keeps the decoded moment tensors themselves: they must not be views of
+    # the scratch buffer the chunks were read into (the next save reuses it).
+    model, opt = small_model(1)
+    want = model_bytes(model, opt)
+    with CheckpointManager(tmp_path, opts(max_to_keep=None)) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt, "sd": small_dict(1)})
+        live_model, live_opt = small_model(2)
+        live_sd = small_dict(2)
+        mgr.restore({"model": live_model, "optimizer": live_opt, "sd": live_sd}, step=1)
+        assert paths == ["_restore_read_first"]
+        assert same(model_bytes(live_model, live_opt), want)
+        other_model, other_opt = small_model(3)
+        mgr.save(2, {"model": other_model, "optimizer": other_opt, "sd": small_dict(3)})
+    assert same(model_bytes(live_model, live_opt), want)
+    assert all(torch.equal(live_sd[k], v) for k, v in small_dict(1).items())
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_a_bad_chunk_changes_nothing_live(tmp_path, atomic):
+    model, opt = small_model(1)
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"model": model, "optimizer": opt, "sd": small_dict(1)})
+    corrupt_first_data_file(tmp_path)
+    live_model, live_opt = small_model(2)
+    live_sd = small_dict(2)
+    before = model_bytes(live_model, live_opt)
+    with CheckpointManager(tmp_path, opts()) as mgr, pytest.raises(ChecksumError):
+        mgr.restore({"model": live_model, "optimizer": live_opt, "sd": live_sd}, step=1, atomic=atomic)
+    assert same(model_bytes(live_model, live_opt), before)
+    assert all(torch.equal(live_sd[k], v) for k, v in small_dict(2).items())
+
+
+def test_a_module_of_another_shape_is_refused_before_any_item_changes(tmp_path):
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"sd": small_dict(1), "model": torch.nn.Linear(3, 4)})
+        live_sd = small_dict(2)
+        live_model = torch.nn.Linear(3, 5)
+        weight = live_model.weight.detach().clone()
+        with pytest.raises(RestoreError, match="shape"):
+            mgr.restore({"sd": live_sd, "model": live_model}, step=1)
+    assert all(torch.equal(live_sd[k], v) for k, v in small_dict(2).items())
+    assert torch.equal(live_model.weight, weight)
+
+
+def test_restoring_some_items_reads_theirs_and_leaves_the_others(tmp_path):
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"a": small_dict(1), "b": small_dict(2, n=50), "c": [torch.arange(5)]})
+        live_b = small_dict(3, n=50)
+        mgr.restore({"b": live_b}, step=1)
+    assert all(torch.equal(live_b[k], v) for k, v in small_dict(2, n=50).items())
+
+
+def test_own_memory_fills_the_arrays_when_its_copies_run_and_not_after():
+    scratch = torch.zeros(64, dtype=torch.uint8)
+    entries = [ArrayEntry("torch.float32", (2,), 8, ((0, 8, 8),)), ArrayEntry("torch.int16", (3,), 6, ((0, 17, 6),))]
+    arrays = {0: restore.ChunkBytes(scratch, 8), 1: restore.ChunkBytes(scratch, 17)}
+    copies = restore._own_memory(arrays, [0, 1], entries)
+    assert arrays[0].dtype == torch.float32 and arrays[1].shape == (3,)
+    scratch.copy_(torch.arange(64, dtype=torch.uint8))      # the read lands after the plan
+    for src, dst in copies:
+        dst.copy_(src)
+    scratch.zero_()                                          # scratch reused afterwards
+    assert bytes(arrays[0].view(torch.uint8).tolist()) == bytes(range(8, 16))
+    assert bytes(arrays[1].view(torch.uint8).tolist()) == bytes(range(17, 23))
