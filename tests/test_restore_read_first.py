@@ -103,12 +103,16 @@ def test_the_read_starts_before_the_live_objects_are_looked_at(tmp_path, monkeyp
     assert all(torch.equal(live[k], saved[k]) for k in saved)
 
 
-def test_a_model_and_optimizer_of_small_tensors_restore_exactly_into_memory_of_their_own(tmp_path, paths):
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_model_and_optimizer_of_small_tensors_restore_exactly_into_memory_of_their_own(tmp_path, paths,
+                                                                                         compression):
     # The optimizer keeps the decoded moment tensors themselves: they must not be views of
     # the scratch buffer the chunks were read into (the next save reuses it).
     model, opt = small_model(1)
     want = model_bytes(model, opt)
-    with CheckpointManager(tmp_path, opts(max_to_keep=None)) as mgr:
+    options = CheckpointManagerOptions(handle_sigterm=False, compression=compression, chunk_bytes=1 << 16,
+                                       max_to_keep=None)
+    with CheckpointManager(tmp_path, options) as mgr:
         mgr.save(1, {"model": model, "optimizer": opt, "sd": small_dict(1)})
         live_model, live_opt = small_model(2)
         live_sd = small_dict(2)
