@@ -39,3 +39,13 @@ def find_leftovers(root: PathLike) -> list[Path]:
 
 def read_manifest(step_dir: PathLike) -> Manifest:
     return parse_manifest_bytes((Path(step_dir) / MANIFEST_NAME).read_bytes())
+
+
+def flip_data_byte(root: PathLike, offset: int) -> None:
+    """Invert one byte of the first data file under ``root`` (a damaged chunk)."""
+    data = sorted(Path(root).rglob("data-*.bin"))[0]
+    with open(data, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))

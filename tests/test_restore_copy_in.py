@@ -16,7 +16,7 @@ from async_ckpt.errors import ChecksumError, FormatError, RestoreError
 from async_ckpt.format.names import step_dir_name
 from async_ckpt.pipeline import restore
 
-from ckpt_layout import read_manifest
+from ckpt_layout import flip_data_byte, read_manifest
 
 
 def opts(**kw) -> CheckpointManagerOptions:
@@ -193,12 +193,7 @@ def test_a_bad_chunk_changes_no_tensor_of_a_copied_item(tmp_path):
     saved = small_dict(6)
     with CheckpointManager(tmp_path, opts()) as mgr:
         mgr.save(1, {"model": saved})
-    data = sorted(tmp_path.rglob("data-*.bin"))
-    with open(data[0], "r+b") as f:
-        f.seek(100)
-        b = f.read(1)
-        f.seek(100)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_data_byte(tmp_path, 100)
     live = small_dict(7)
     before = clone(live)
     with CheckpointManager(tmp_path, opts()) as mgr, pytest.raises(ChecksumError):

@@ -12,6 +12,8 @@ from async_ckpt.errors import ChecksumError, RestoreError
 from async_ckpt.format.manifest import ArrayEntry
 from async_ckpt.pipeline import restore
 
+from ckpt_layout import flip_data_byte
+
 
 def opts(**kw) -> CheckpointManagerOptions:
     return CheckpointManagerOptions(handle_sigterm=False, compression=None, chunk_bytes=1 << 16, **kw)
@@ -44,15 +46,6 @@ def model_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torc
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
-
-
-def corrupt_first_data_file(folder) -> None:
-    data = sorted(folder.rglob("data-*.bin"))
-    with open(data[0], "r+b") as f:
-        f.seek(200)
-        b = f.read(1)
-        f.seek(200)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 @pytest.fixture
@@ -130,7 +123,7 @@ def test_a_bad_chunk_changes_nothing_live(tmp_path, atomic):
     model, opt = small_model(1)
     with CheckpointManager(tmp_path, opts()) as mgr:
         mgr.save(1, {"model": model, "optimizer": opt, "sd": small_dict(1)})
-    corrupt_first_data_file(tmp_path)
+    flip_data_byte(tmp_path, 200)
     live_model, live_opt = small_model(2)
     live_sd = small_dict(2)
     before = model_bytes(live_model, live_opt)
