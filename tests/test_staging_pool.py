@@ -57,3 +57,27 @@ def test_option_is_validated_and_reaches_the_pool(tmp_path):
         mgr.save(1, {"x": torch.arange(1000)})
         assert mgr._pool.allocated_bytes > 0
     assert mgr._pool.allocated_bytes == 0          # close() frees the pool
+
+
+def test_a_free_buffer_behind_another_is_taken_and_dropped_by_identity():
+    # Two saves in flight give back two buffers; the one a save takes (or the one dropped
+    # because it is too small) need not be the first in the free list. Tensors compare
+    # element by element, so finding it by equality raised ("The size of tensor a must
+    # match the size of tensor b").
+    pool = StagingPool(pin_memory=False, slack=0.0)
+    first, second = pool.acquire(50_000), pool.acquire(40_000)
+    pool.release(first)
+    pool.release(second)
+    taken = pool.acquire(40_000)            # the smallest that fits: the second one
+    assert taken.data_ptr() == second.data_ptr()
+    pool.release(taken)                     # free: [first (50,000), second (40,000)]
+    pool.release(pool.acquire(10_000))      # the second again; free: [first, second]
+    small = pool.acquire(45_000)            # only first fits
+    assert small.data_ptr() == first.data_ptr()
+    pool.release(small)                     # free: [second, first]
+    bigger = pool.acquire(60_000)           # fits neither: the largest (first, not first in line) is dropped
+    assert pool.allocations == 3
+    assert pool.allocated_bytes == bigger.numel() + 40_000
+    pool.release(bigger)
+    pool.clear()
+    assert pool.allocated_bytes == 0

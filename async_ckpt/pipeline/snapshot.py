@@ -69,7 +69,7 @@ class StagingPool:
             fitting = [b for b in self._free if b.numel() >= nbytes]
             buf = min(fitting, key=lambda b: b.numel()) if fitting else None
             if buf is not None:
-                self._free.remove(buf)
+                self._unfree(buf)
                 self._used[buf.data_ptr()] = max(self._used.get(buf.data_ptr(), 0), nbytes)
                 if self._tidier is not None:
                     self._tidier.claim(buf)
@@ -105,9 +105,18 @@ class StagingPool:
     def _allocate(nbytes: int, pin: bool) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
+    def _unfree(self, buf: torch.Tensor) -> None:
+        """Take ``buf`` out of the free list (lock held). By identity: ``list.remove``
+        compares tensors with ``==``, element by element, and raises on another size."""
+        for i, b in enumerate(self._free):
+            if b is buf:
+                del self._free[i]
+                return
+        raise ValueError("buffer is not in the free list")
+
     def _forget(self, buf: torch.Tensor) -> None:
         """Drop a free buffer (lock held)."""
-        self._free.remove(buf)
+        self._unfree(buf)
         self.allocated_bytes -= buf.numel()
         self._used.pop(buf.data_ptr(), None)
         if self._tidier is not None:
