@@ -4,6 +4,12 @@ until every chunk is read and checked and every item prechecked."""
 
 from __future__ import annotations
 
+import copy
+import threading
+import time
+import types
+
+import numpy as np
 import pytest
 import torch
 
@@ -145,11 +151,12 @@ def test_a_module_of_another_shape_is_refused_before_any_item_changes(tmp_path):
     assert torch.equal(live_model.weight, weight)
 
 
-def test_restoring_some_items_reads_theirs_and_leaves_the_others(tmp_path):
+def test_restoring_some_items_reads_first_and_restores_those_exactly(tmp_path, paths):
     with CheckpointManager(tmp_path, opts()) as mgr:
         mgr.save(1, {"a": small_dict(1), "b": small_dict(2, n=50), "c": [torch.arange(5)]})
         live_b = small_dict(3, n=50)
         mgr.restore({"b": live_b}, step=1)
+    assert paths == ["_restore_read_first"]
     assert all(torch.equal(live_b[k], v) for k, v in small_dict(2, n=50).items())
 
 
@@ -165,3 +172,53 @@ def test_own_memory_fills_the_arrays_when_its_copies_run_and_not_after():
     scratch.zero_()                                          # scratch reused afterwards
     assert bytes(arrays[0].view(torch.uint8).tolist()) == bytes(range(8, 16))
     assert bytes(arrays[1].view(torch.uint8).tolist()) == bytes(range(17, 23))
+
+
+@pytest.mark.parametrize("path", ["read first", "matched"])
+def test_items_holding_random_generators_restore_their_streams(tmp_path, monkeypatch, paths, path):
+    # A generator is built from its saved state when its item is decoded: that item must
+    # be decoded once its chunks are read, not beside the read.
+    if path == "matched":
+        monkeypatch.setattr(restore, "_READ_FIRST_MEAN_BELOW", 0)
+
+    def generators(seed: int) -> dict:
+        return {"torch": torch.Generator().manual_seed(seed), "rs": np.random.RandomState(seed),
+                "mt": np.random.Generator(np.random.MT19937(seed)), "pcg": np.random.default_rng(seed)}
+
+    def draws(gens: dict) -> list:
+        return [torch.rand(4, generator=gens["torch"]), gens["rs"].rand(4), gens["mt"].random(4),
+                gens["pcg"].random(4)]
+
+    saved = generators(1)
+    draws(saved)                                    # move every stream off its seed
+    expected = draws(copy.deepcopy({k: v for k, v in saved.items() if k != "torch"}) |
+                     {"torch": torch.Generator().set_state(saved["torch"].get_state())})
+    with CheckpointManager(tmp_path, opts()) as mgr:
+        mgr.save(1, {"gens": saved, "sd": small_dict(1)})
+        live = {"gens": generators(2), "sd": small_dict(2)}
+        mgr.restore(live, step=1)
+    assert paths == ["_restore_matched" if path == "matched" else "_restore_read_first"]
+    got = draws(live["gens"])
+    assert torch.equal(got[0], expected[0])
+    for a, b in zip(got[1:], expected[1:]):
+        assert np.array_equal(a, b)
+
+
+def test_an_interrupt_while_the_reader_starts_still_waits_for_the_reader(monkeypatch):
+    # The reader may be writing into scratch (or live tensors): whatever interrupts the
+    # calling thread, _read_while returns only once the reader is done.
+    class Interrupted(threading.Event):
+        def wait(self, timeout=None):
+            super().wait(timeout)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(restore, "threading", types.SimpleNamespace(Thread=threading.Thread, Event=Interrupted))
+    done: list[bool] = []
+
+    def read() -> None:
+        time.sleep(0.2)
+        done.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        restore._read_while(read, lambda: None)
+    assert done == [True]

@@ -230,10 +230,11 @@ def _read_while(read: Callable[[], Any], work: Callable[[], None]) -> None:
 
     reader = threading.Thread(target=reading, name="async_ckpt-restore-read", daemon=True)
     reader.start()
-    # Let the reader reach the native read (which releases the GIL) before ``work`` takes
-    # the GIL: otherwise the read waits for Python's switch interval (5 ms) to begin.
-    started.wait()
     try:
+        # Let the reader reach the native read (which releases the GIL) before ``work``
+        # takes the GIL: otherwise the read waits for Python's switch interval (5 ms) to
+        # begin. Inside the try: an interrupt here still waits for the reader to finish.
+        started.wait()
         work()
     finally:
         reader.join()
@@ -446,6 +447,32 @@ def item_arrays(tree: Any, names: Iterable[str]) -> set[int]:
         elif type(node) is list:
             stack.extend(v for v in node if type(v) in (dict, list))
     return found
+
+
+def decoded_from_bytes(tree: Any, names: Iterable[str]) -> set[str]:
+    """The named items whose decoding reads their arrays' bytes, not only their dtypes and
+    shapes: those holding random generators (torch, numpy), built from their saved state.
+    They are decoded once their chunks are read; the others may be decoded while the
+    chunks are read."""
+    wanted = set(names)
+    found: set[str] = set()
+    for key, node in zip(tree["keys"], tree["values"]):
+        if key not in wanted:
+            continue
+        stack = [node]
+        while stack:
+            item = stack.pop()
+            if type(item) is dict:
+                if item.get("$") in _BYTES_READ_TAGS:
+                    found.add(key)
+                    break
+                stack.extend(v for v in item.values() if type(v) in (dict, list))
+            elif type(item) is list:
+                stack.extend(v for v in item if type(v) in (dict, list))
+    return found
+
+
+_BYTES_READ_TAGS = frozenset({"torch.generator", "np.generator", "np.randomstate"})
 
 
 def decode_items(tree: Any, arrays: Mapping[int, Any], names: Optional[Iterable[str]] = None) -> dict[str, Any]:
@@ -756,8 +783,10 @@ def _restore_read_first(storage: Storage, location: str, manifest: Manifest, src
 
     Every chunk is read whole into the scratch buffer on a thread of its own. Meanwhile
     this thread finds the covered items (:func:`cover`) and plans their copies, and gives
-    the other items' arrays memory of their own, decodes and prechecks them. Once the
-    read is done, their chunks are copied out of scratch, then each item is applied. No
+    the other items' arrays memory of their own, decodes and prechecks them (those holding
+    random generators, built from their bytes, once the read is done: see
+    :func:`decoded_from_bytes`). Once the read is done, their chunks are copied out of
+    scratch, then each item is applied. No
     live byte changes before every chunk has been read and checked and every item
     prechecked, whatever ``atomic`` says. Returns the decoded (uncovered) items."""
     section = manifest.section(src)
@@ -795,9 +824,11 @@ def _restore_read_first(storage: Storage, location: str, manifest: Manifest, src
                 checked["plans"] = {
                     name: copy_plan(found.now + [(index, live) for index, live, _ in found.later], arrays, entries)
                     for name, found in covered.items() if name not in late}
+                checked["covered"] = covered        # keeps the planned live tensors alive
                 checked["fill"] = _own_memory(arrays, item_arrays(tree, late), entries)
-                saved = checked["saved"] = decode_items(tree, arrays, late)
-                for name in late:
+                after = checked["after"] = decoded_from_bytes(tree, late)
+                saved = checked["saved"] = decode_items(tree, arrays, [name for name in late if name not in after])
+                for name in saved:
                     if name in state:
                         _precheck(state[name], saved[name], name)
             except BaseException as e:  # noqa: BLE001 - raised once the read is over
@@ -811,7 +842,12 @@ def _restore_read_first(storage: Storage, location: str, manifest: Manifest, src
             raise checked["error"]
         for source, own in checked["fill"]:
             own.copy_(source)
-        _apply_items(state, checked["saved"], checked["plans"], _Rollback({}, {}), manifest.step)
+        saved = checked["saved"]
+        saved.update(decode_items(tree, arrays, checked["after"]))
+        for name in checked["after"]:
+            if name in state:
+                _precheck(state[name], saved[name], name)
+        _apply_items(state, saved, checked["plans"], _Rollback({}, {}), manifest.step, later_untouched=True)
     return checked["saved"]
 
 
@@ -876,6 +912,8 @@ def _restore_matched(storage: Storage, location: str, manifest: Manifest, src: i
                    for index, offset in layout.items()}
         checked: dict[str, Any] = {}
         decoded = [name for name in names if name not in covered]
+        after = decoded_from_bytes(tree, decoded)        # decoded once the read is done
+        decoded = [name for name in decoded if name not in after]
         dtypes: dict[str, Any] = {}
 
         def check(arrays: dict[int, Any]) -> None:
@@ -884,8 +922,8 @@ def _restore_matched(storage: Storage, location: str, manifest: Manifest, src: i
             the general way once the read is done."""
             try:
                 checked["saved"] = decode_items(tree, arrays, decoded)
-                for name in state:
-                    if name not in covered:
+                for name in decoded:
+                    if name in state:
                         _precheck(state[name], checked["saved"][name], name)
                 entries = section.arrays
                 checked["late"] = [name for name, found in covered.items()
@@ -904,21 +942,28 @@ def _restore_matched(storage: Storage, location: str, manifest: Manifest, src: i
             with rollback.on_error(list(state)):
                 raise checked["error"]
         saved, plans, late = checked["saved"], checked["plans"], checked["late"]
+        if after:
+            with rollback.on_error(list(state)):
+                saved.update(decode_items(tree, arrays, after))
+                for name in after:
+                    if name in state:
+                        _precheck(state[name], saved[name], name)
         if late:
             with rollback.on_error(list(state)):
                 _materialise(arrays, item_arrays(tree, late), section.arrays)
                 saved.update(decode_items(tree, arrays, late))
                 for name in late:
                     _precheck(state[name], saved[name], name)
-        _apply_items(state, saved, plans, rollback, manifest.step)
+        _apply_items(state, saved, plans, rollback, manifest.step, later_untouched=atomic)
     return saved
 
 
 def _apply_items(state: Mapping[str, Any], saved: Mapping[str, Any], plans: Mapping[str, Any],
-                 rollback: "_Rollback", step: int) -> None:
+                 rollback: "_Rollback", step: int, later_untouched: bool) -> None:
     """Restore each item of ``state``: a planned item by its copy plan, the others from
     their decoded value. A failure in item k rolls back what ``rollback`` holds for items
-    k and after, and says which items were already restored."""
+    k and after, and says which items were already restored; ``later_untouched`` says
+    whether the items after k are as they were (False: read into in place, not backed up)."""
     applied: list[str] = []
     try:
         for name in state:
@@ -933,8 +978,11 @@ def _apply_items(state: Mapping[str, Any], saved: Mapping[str, Any], plans: Mapp
             applied.append(name)
     except RestoreError as e:
         if applied:
-            raise RestoreError(f"{e} (item(s) {applied} were already restored from step "
-                               f"{step}; the others are unchanged)") from e
+            failed = list(state)[len(applied)]
+            after = ("the items after it are unchanged" if later_untouched else
+                     "the items after it may hold bytes of that step read in place")
+            raise RestoreError(f"{e} (item(s) {applied} were already restored from step {step}; "
+                               f"{failed!r} may be partly restored; {after})") from e
         raise
 
 
