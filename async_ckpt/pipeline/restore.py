@@ -786,9 +786,9 @@ def _restore_read_first(storage: Storage, location: str, manifest: Manifest, src
     the other items' arrays memory of their own, decodes and prechecks them (those holding
     random generators, built from their bytes, once the read is done: see
     :func:`decoded_from_bytes`). Once the read is done, their chunks are copied out of
-    scratch, then each item is applied. No
-    live byte changes before every chunk has been read and checked and every item
-    prechecked, whatever ``atomic`` says. Returns the decoded (uncovered) items."""
+    scratch, then each item is applied. No live byte changes before every chunk has been
+    read and checked and every item prechecked, whatever ``atomic`` says. Returns the
+    decoded (uncovered) items."""
     section = manifest.section(src)
     tree, entries = section.tree, section.arrays
     chunks = manifest.chunks
