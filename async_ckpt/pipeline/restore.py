@@ -430,23 +430,27 @@ def copy_out(plan: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
 _COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
+def _tagged_nodes(node: Any) -> Iterator[dict]:
+    """Every tagged node of a subtree of a rank's tree (validated when its manifest was
+    parsed: walked without validating again). An array node's children are not walked."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            tag = item.get("$")
+            if tag is not None:
+                yield item
+            if tag not in _ARRAY_TAGS:
+                stack.extend(v for v in item.values() if type(v) in (dict, list))
+        elif type(item) is list:
+            stack.extend(v for v in item if type(v) in (dict, list))
+
+
 def item_arrays(tree: Any, names: Iterable[str]) -> set[int]:
     """Array indices referenced by the named top-level items of a rank's tree."""
-    keys, values = tree["keys"], tree["values"]
     wanted = set(names)
-    found: set[int] = set()
-    # The tree was validated when its manifest was parsed: collect without validating again.
-    stack = [node for key, node in zip(keys, values) if key in wanted]
-    while stack:
-        node = stack.pop()
-        if type(node) is dict:
-            if node.get("$") in _ARRAY_TAGS:
-                found.add(node["array"])
-            else:
-                stack.extend(v for v in node.values() if type(v) in (dict, list))
-        elif type(node) is list:
-            stack.extend(v for v in node if type(v) in (dict, list))
-    return found
+    return {node["array"] for key, root in zip(tree["keys"], tree["values"]) if key in wanted
+            for node in _tagged_nodes(root) if node["$"] in _ARRAY_TAGS}
 
 
 def decoded_from_bytes(tree: Any, names: Iterable[str]) -> set[str]:
@@ -455,24 +459,25 @@ def decoded_from_bytes(tree: Any, names: Iterable[str]) -> set[str]:
     They are decoded once their chunks are read; the others may be decoded while the
     chunks are read."""
     wanted = set(names)
-    found: set[str] = set()
-    for key, node in zip(tree["keys"], tree["values"]):
-        if key not in wanted:
-            continue
-        stack = [node]
-        while stack:
-            item = stack.pop()
-            if type(item) is dict:
-                if item.get("$") in _BYTES_READ_TAGS:
-                    found.add(key)
-                    break
-                stack.extend(v for v in item.values() if type(v) in (dict, list))
-            elif type(item) is list:
-                stack.extend(v for v in item if type(v) in (dict, list))
-    return found
+    return {key for key, root in zip(tree["keys"], tree["values"]) if key in wanted
+            and any(node["$"] in _BYTES_READ_TAGS for node in _tagged_nodes(root))}
 
 
 _BYTES_READ_TAGS = frozenset({"torch.generator", "np.generator", "np.randomstate"})
+
+
+def _decode_checked(tree: Any, arrays: Mapping[int, Any], names: Iterable[str], state: Mapping[str, Any],
+                    saved: dict[str, Any]) -> None:
+    """Decode the named items into ``saved`` and precheck those ``state`` holds against
+    their live objects (see :func:`_precheck`)."""
+    names = list(names)
+    if not names:
+        return
+    decoded = decode_items(tree, arrays, names)
+    saved.update(decoded)
+    for name, value in decoded.items():
+        if name in state:
+            _precheck(state[name], value, name)
 
 
 def decode_items(tree: Any, arrays: Mapping[int, Any], names: Optional[Iterable[str]] = None) -> dict[str, Any]:
@@ -827,10 +832,8 @@ def _restore_read_first(storage: Storage, location: str, manifest: Manifest, src
                 checked["covered"] = covered        # keeps the planned live tensors alive
                 checked["fill"] = _own_memory(arrays, item_arrays(tree, late), entries)
                 after = checked["after"] = decoded_from_bytes(tree, late)
-                saved = checked["saved"] = decode_items(tree, arrays, [name for name in late if name not in after])
-                for name in saved:
-                    if name in state:
-                        _precheck(state[name], saved[name], name)
+                checked["saved"] = {}
+                _decode_checked(tree, arrays, [name for name in late if name not in after], state, checked["saved"])
             except BaseException as e:  # noqa: BLE001 - raised once the read is over
                 checked["error"] = e
 
@@ -843,10 +846,7 @@ def _restore_read_first(storage: Storage, location: str, manifest: Manifest, src
         for source, own in checked["fill"]:
             own.copy_(source)
         saved = checked["saved"]
-        saved.update(decode_items(tree, arrays, checked["after"]))
-        for name in checked["after"]:
-            if name in state:
-                _precheck(state[name], saved[name], name)
+        _decode_checked(tree, arrays, checked["after"], state, saved)
         _apply_items(state, saved, checked["plans"], _Rollback({}, {}), manifest.step, later_untouched=True)
     return checked["saved"]
 
@@ -921,10 +921,8 @@ def _restore_matched(storage: Storage, location: str, manifest: Manifest, src: i
             needs their bytes. A covered item whose small tensors do not all fit is decoded
             the general way once the read is done."""
             try:
-                checked["saved"] = decode_items(tree, arrays, decoded)
-                for name in decoded:
-                    if name in state:
-                        _precheck(state[name], checked["saved"][name], name)
+                checked["saved"] = {}
+                _decode_checked(tree, arrays, decoded, state, checked["saved"])
                 entries = section.arrays
                 checked["late"] = [name for name, found in covered.items()
                                    if not all(fits(live, entries[index], dtypes) for index, live, _ in found.later)]
@@ -942,18 +940,11 @@ def _restore_matched(storage: Storage, location: str, manifest: Manifest, src: i
             with rollback.on_error(list(state)):
                 raise checked["error"]
         saved, plans, late = checked["saved"], checked["plans"], checked["late"]
-        if after:
+        if after or late:
             with rollback.on_error(list(state)):
-                saved.update(decode_items(tree, arrays, after))
-                for name in after:
-                    if name in state:
-                        _precheck(state[name], saved[name], name)
-        if late:
-            with rollback.on_error(list(state)):
+                _decode_checked(tree, arrays, after, state, saved)
                 _materialise(arrays, item_arrays(tree, late), section.arrays)
-                saved.update(decode_items(tree, arrays, late))
-                for name in late:
-                    _precheck(state[name], saved[name], name)
+                _decode_checked(tree, arrays, late, state, saved)
         _apply_items(state, saved, plans, rollback, manifest.step, later_untouched=atomic)
     return saved
 
