@@ -334,8 +334,11 @@ def _thread_niceness() -> dict[int, int]:
     import os
     out = {}
     for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])    # field 19: nice
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])    # field 19: nice
+        except (FileNotFoundError, ProcessLookupError):
+            continue    # the thread ended between the listing and the read
     return out
 
 
