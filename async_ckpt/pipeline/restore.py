@@ -764,7 +764,7 @@ def _read_first_plan(section: Any, manifest: Manifest, names: Sequence[str]) -> 
     live objects are looked at, so the per-tensor work (the covering walk, the checks,
     the copy plan: tens of milliseconds for 20,000 tensors) runs while the disk reads."""
     arrays = section.arrays
-    if not arrays or sum(a.nbytes for a in arrays) >= _READ_FIRST_MEAN_BELOW * len(arrays):
+    if not arrays or _mean_at_least(arrays, _READ_FIRST_MEAN_BELOW):
         return None
     tree = section.tree
     wanted = (list(range(len(arrays))) if set(names) >= set(tree["keys"])
@@ -1105,7 +1105,12 @@ class _Rollback:
 def _worth_matching(arrays: Sequence[Any]) -> bool:
     """Whether matching live tensors pays: it costs about 6 us per array (the walk and a
     piece of its chunk's read) and saves a copy of the array's bytes."""
-    return bool(arrays) and sum(a.nbytes for a in arrays) >= _MATCH_MEAN_FROM * len(arrays)
+    return bool(arrays) and _mean_at_least(arrays, _MATCH_MEAN_FROM)
+
+
+def _mean_at_least(arrays: Sequence[Any], nbytes: int) -> bool:
+    """Whether the arrays (at least one) average ``nbytes`` or more."""
+    return sum(a.nbytes for a in arrays) >= nbytes * len(arrays)
 
 
 # From this mean array size up, matching live tensors pays.
