@@ -94,6 +94,10 @@ def fsync_tree(path: Path) -> None:
 PROC_DROP = True     # also write /proc/sys/vm/drop_caches (--quick turns it off: slow, and CI needs none)
 
 
+def can_drop_caches() -> bool:
+    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
 def drop_caches(paths: Iterable[str]) -> None:
     """Evict ``paths`` from the page cache: make them durable (fsync each, or one syncfs for
     many files), POSIX_FADV_DONTNEED each, then /proc/sys/vm/drop_caches when PROC_DROP

@@ -163,13 +163,16 @@ def bf16_weights(size: int) -> BenchState:
     return BenchState("bf16_weights", f"bf16 weights ({len(tensors)} x {rows}x{rows})", tree, tree, flatten(tree))
 
 
-def build_states(size: int, quick: bool, only: list[str] | None = None
+def build_states(size: int, quick: bool, only: list[str] | None = None, untrained: bool = False
                  ) -> list[tuple[str, Callable[[], BenchState]]]:
-    """Factories in run order (states are built one at a time to bound memory)."""
+    """Factories in run order (states are built one at a time to bound memory). ``untrained``:
+    the transformer as a resumed run builds it before restoring (no step taken, so its
+    optimizer holds no moments yet)."""
     small_count = 100 if quick else 20_000
+    steps = 0 if untrained else 1 if quick else 3
     factories = {
         "fp32_large": lambda: large_fp32(size),
-        "transformer_adamw": lambda: transformer_adamw(size // 4 if not quick else size, steps=1 if quick else 3),
+        "transformer_adamw": lambda: transformer_adamw(size // 4 if not quick else size, steps=steps),
         "small_20k": lambda: small_tensors(small_count),
         "bf16_weights": lambda: bf16_weights(size // 2 if not quick else size),
     }

@@ -42,7 +42,7 @@ from typing import Any, Callable
 from benchmarks.bench_native import parse_size
 
 from . import _ceilings, _report
-from ._ceilings import DiskCeilings, MemcpyFloor
+from ._ceilings import DiskCeilings, MemcpyFloor, can_drop_caches
 from ._ours import MODES, Ours
 from ._peers import PEERS
 from ._states import STATE_NAMES, BenchState, build_states, large_fp32
@@ -150,10 +150,6 @@ def git_rev() -> str:
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "?"
-
-
-def can_drop_caches() -> bool:
-    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
 
 # ----------------------------------------------------------------------------- one state
