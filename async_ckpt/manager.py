@@ -315,6 +315,9 @@ class CheckpointManager:
         stall = time.perf_counter() - started
         if lazy:
             with self._state_lock:
+                # Snapshots whose copies landed need no fence: dropped here, the list stays
+                # as long as the saves in flight even when no optimizer step ever fences it.
+                self._unfenced = [s for s in self._unfenced if not s.copied]
                 self._unfenced.append(snapshot)
         return SaveHandle(self, step, future, stall, started)
 

@@ -170,6 +170,11 @@ class Snapshot:
         if self._error is not None:
             raise self._error
 
+    @property
+    def copied(self) -> bool:
+        """Every copy has landed without error: fencing it would do nothing."""
+        return self._all_done.is_set() and self._error is None
+
     def fence(self) -> None:
         """Make later work on the training thread/stream unable to race the copies."""
         self._cpu_done.wait()
