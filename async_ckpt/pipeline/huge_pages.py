@@ -10,17 +10,24 @@ buffer, 0.75-0.81 once it was collapsed. Inside the IO benchmark, though, the 1 
 state's stall was longer with it (docs/PERFORMANCE.md), so the manager uses it only with
 ``huge_pages=True``.
 
-Huge pages are not asked for at allocation (``MADV_HUGEPAGE`` before the first copy): the
-kernel then compacts memory inside that first copy, the save's stall, and a 512 MiB buffer's
-first copy took 43 to 611 ms against 120 ms on small pages. So buffers start on small pages,
-and once a save has given one back and it has stayed idle for ``QUIET`` seconds, this thread
-collapses it (``MADV_COLLAPSE``, Linux 6.1+) a piece at a time, once per buffer. That costs
-one core 0.3-2.5 s per GiB here (the kernel compacts memory to find free huge pages), and
-while it ran between back-to-back saves of 1 GiB their stall went from 69 to 128 ms: hence
+Huge pages are not asked for at allocation (``MADV_HUGEPAGE`` before the first copy): a
+512 MiB buffer's first copy then took 43 to 611 ms against 120 ms on small pages, inside the
+save's stall. So buffers start on small pages, and once a save has given one back and it has
+stayed idle for ``QUIET`` seconds, this thread collapses it (``MADV_COLLAPSE``, Linux 6.1+) a
+piece at a time, once per buffer. That costs one core 0.3-2.5 s per GiB here, and while it
+ran between back-to-back saves of 1 GiB their stall went from 69 to 128 ms: hence
 the quiet period, which back-to-back saves never leave, and a save that takes the buffer
 stops the collapse after the piece in progress, without waiting for it (the collapse keeps
 the bytes and their addresses; a page being written waits only for its own 2 MiB). Only the
 bytes saves have used are collapsed, so the pool's headroom stays unpopulated.
+
+Where those costs come from on the dev VM: not compaction (``compact_stall`` in
+/proc/vmstat stays 0) but the hypervisor. Its balloon device reports free 2 MiB blocks to
+the host about 2 s after they are freed, and the host drops their memory; a huge page taken
+from such a block waits for the host to back it again (``tools/fresh_memory_cost.py``, 512
+MiB: fresh huge pages 22 ms right after others were freed, 588-834 ms after 5 s idle; a
+collapse 109-110 ms and 938-1,028 ms; small pages 156-160 ms either way). A machine without
+free page reporting (bare metal) should pay the fast figures; that has not been measured.
 
 Threads: ``StagingPool.release`` (the commit thread) calls :meth:`HugePageTidier.offer`;
 ``StagingPool.acquire`` (the training thread) calls :meth:`~HugePageTidier.claim`; the
