@@ -268,11 +268,10 @@ def markdown(rows: list[Row], meta: dict[str, Any], bar_list: list[Bar]) -> str:
     for st in meta["states"]:
         name = st["name"]
         out += [f"## {name}: {st['title']} ({st['nbytes'] / 2**20:,.1f} MiB, {st['tensors']:,} tensors)", ""]
-        if st.get("rss"):
-            q = st["rss"]
-            out += [f"Memory: {q['saves']} eager `save_async` calls (max_inflight_saves=1): RSS above the process's "
-                    f"baseline settles at {q['over_state']:.2f}x the state ({q['over_mib']:,.0f} MiB; samples "
-                    + " ".join(f"{x:.2f}" for x in q["samples"]) + ").", ""]
+        for q in st.get("rss") or []:
+            out += [f"Memory: {q['saves']} {q['snapshot']} `save_async` calls (max_inflight_saves=1): RSS above the "
+                    f"process's baseline settles at {q['over_state']:.2f}x the state ({q['over_mib']:,.0f} MiB; "
+                    "samples " + " ".join(f"{x:.2f}" for x in q["samples"]) + ").", ""]
         out += ["| group | method | kind | seconds (median) | min - max | GB/s | vs ceiling | per rep | "
                 "vs best peer | per rep | stored |",
                 "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]

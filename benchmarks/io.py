@@ -213,9 +213,9 @@ def run_state(st: BenchState, repeat: int, scratch: Path, threads: int | None, b
     return samples, stored, wall
 
 
-def measure_rss(state: str, size: int, quick: bool, scratch: Path) -> dict[str, Any] | None:
+def measure_rss(state: str, size: int, quick: bool, scratch: Path, snapshot: str) -> dict[str, Any] | None:
     """benchmarks._rss in a process of its own (its baseline is not this process's peers)."""
-    cmd = [sys.executable, "-m", "benchmarks._rss", "--state", state, "--size", str(size),
+    cmd = [sys.executable, "-m", "benchmarks._rss", "--state", state, "--size", str(size), "--snapshot", snapshot,
            "--saves", "3" if quick else "20", "--dir", str(scratch)] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += _report.build_rows(st.name, st.nbytes, samples, stored)
             del st
             gc.collect()
-            meta["states"][-1]["rss"] = measure_rss(name, size, args.quick, scratch_root)
+            meta["states"][-1]["rss"] = [q for q in (measure_rss(name, size, args.quick, scratch_root, snapshot)
+                                                     for snapshot in ("eager", "lazy")) if q]
             bar.step(f"{name}: memory over repeated saves")
     finally:
         bar.close()

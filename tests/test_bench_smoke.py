@@ -40,11 +40,14 @@ def test_quick_produces_every_row(tmp_path):
     for r in doc["rows"]:
         assert r["seconds"] is not None and math.isfinite(r["seconds"]) and r["seconds"] > 0, r
         assert len(r["samples"]) == 1
+    for st in doc["meta"]["states"]:      # memory over repeated saves, both snapshot modes
+        assert [q["snapshot"] for q in st["rss"]] == ["eager", "lazy"], st
     bar_names = {b["name"] for b in doc["bars"]}
     assert any("stall / memcpy" in n for n in bar_names)
     assert any("committed / raw disk" in n for n in bar_names)
     md = (out / "io.md").read_text()
     assert "| ours | save_async stall (none)" in md and "## Bars" in md
+    assert md.count("lazy `save_async` calls (max_inflight_saves=1)") == len(STATE_NAMES)
     assert (out / "io.png").stat().st_size > 10_000
     assert not list((tmp_path / "scratch").iterdir()), "scratch files left behind"
 
