@@ -103,6 +103,27 @@ MADV_HUGEPAGE = 14
 BACKING_MARGIN = 64 << 20
 
 
+def fault_in(nbytes: int, huge: bool) -> float:
+    """Map ``nbytes`` of new anonymous memory (asking for transparent huge pages when
+    ``huge``, where the kernel has them), write one byte per 4 KiB page, unmap it; returns
+    the seconds the writes took."""
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        if huge:
+            try:
+                m.madvise(MADV_HUGEPAGE)
+            except OSError:
+                pass                        # no transparent huge pages: small ones are backed too
+        pages = np.frombuffer(m, dtype=np.uint8)
+        t0 = time.perf_counter()
+        pages[::4096] = 1
+        seconds = time.perf_counter() - t0
+        del pages
+    finally:
+        m.close()
+    return seconds
+
+
 def back_free_memory(nbytes: int) -> None:
     """Fault in and free ``nbytes`` (plus a margin) of anonymous memory on huge pages, so that
     what the next timing allocates (a read's page cache, a buffered write's) is memory the
@@ -110,23 +131,12 @@ def back_free_memory(nbytes: int) -> None:
 
     Why: a hypervisor with free page reporting (the dev VM's virtio balloon) takes back the
     memory of 2 MiB blocks that stayed free for about 2 s, and the page cache's large folios
-    come from such blocks. A cold read of 512 MiB took 139 ms right after a drop of the
-    page cache and 438-469 ms when 5 s passed in between; touching huge pages first brought
-    it back to 147-150 ms (``python tools/fresh_memory_cost.py``). Without this, whichever
-    row followed a pause paid the host's work. Memory that stays backed (bare metal) only
-    costs the touch."""
-    size = nbytes + BACKING_MARGIN
-    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        try:
-            m.madvise(MADV_HUGEPAGE)
-        except OSError:
-            pass                            # no transparent huge pages: small ones are backed too
-        pages = np.frombuffer(m, dtype=np.uint8)
-        pages[::4096] = 1
-        del pages
-    finally:
-        m.close()
+    come from such blocks. A cold read of 512 MiB took 158-161 ms right after its pages left
+    the page cache and 764-891 ms when 5 s passed in between; this call after the pause
+    brought it back to 161-164 ms (``python tools/fresh_memory_cost.py``). Without it,
+    whichever row followed a pause paid the host's work. Memory that stays backed (bare
+    metal) only costs the touch."""
+    fault_in(nbytes + BACKING_MARGIN, huge=True)
 
 
 def drop_caches(paths: Iterable[str]) -> None:

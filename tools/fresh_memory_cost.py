@@ -29,9 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from async_ckpt import native  # noqa: E402
-from benchmarks._ceilings import back_free_memory  # noqa: E402
+from benchmarks._ceilings import back_free_memory, fault_in  # noqa: E402
 
-MADV_HUGEPAGE = 14
 PAGE = 4096
 
 
@@ -39,20 +38,6 @@ def _compact_stalls() -> int:
     with open("/proc/vmstat") as f:
         counters = dict(line.split() for line in f)
     return int(counters.get("compact_stall", -1))
-
-
-def _touch(nbytes: int, huge: bool) -> float:
-    """Seconds to fault in ``nbytes`` of new anonymous memory (one write per small page)."""
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if huge:
-        m.madvise(MADV_HUGEPAGE)
-    a = np.frombuffer(m, dtype=np.uint8)
-    t = time.perf_counter()
-    a[::PAGE] = 1
-    t = time.perf_counter() - t
-    del a
-    m.close()
-    return t
 
 
 def _collapse(nbytes: int, idle: float) -> float:
@@ -112,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = args.mib << 20
     stalls = _compact_stalls()
     rows = []
-    for what, run in (("small pages", lambda: _touch(nbytes, huge=False)),
-                      ("huge pages", lambda: _touch(nbytes, huge=True))):
+    for what, run in (("small pages", lambda: fault_in(nbytes, huge=False)),
+                      ("huge pages", lambda: fault_in(nbytes, huge=True))):
         for _ in range(args.repeat):
             run()                   # frees the memory the next, timed, call takes at once
             at_once = run()
